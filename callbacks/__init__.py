@@ -1,0 +1,7 @@
+"""Callbacks that drive exploration, evaluation and export (installed as ``r3l_lightning.callbacks``)."""
+
+from r3l_lightning.callbacks.evaluation import EvalCallback
+from r3l_lightning.callbacks.exploration import ExplorationCallback
+from r3l_lightning.callbacks.export import HFExportCallback
+
+__all__ = ["EvalCallback", "ExplorationCallback", "HFExportCallback"]

@@ -1,0 +1,71 @@
+"""The ``r3l`` command: LightningCLI with ``fit`` and an evaluation-only ``evaluate`` subcommand.
+
+    r3l fit --config configs/countdown/r3l.yaml
+    r3l evaluate --config configs/countdown/r3l.yaml --model.model_name_or_path runs/.../hf_model
+    r3l fit --config configs/countdown/r3l.yaml --print_config
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from r3l_lightning.callbacks.evaluation import EvalCallback, describe
+from r3l_lightning.data import ExperienceDataModule
+from r3l_lightning.module import R3LModule
+
+
+class R3LTrainer(L.Trainer):
+    """A Lightning ``Trainer`` with :meth:`evaluate` (rollout benchmark without training)."""
+
+    def evaluate(self, model: R3LModule, datamodule: ExperienceDataModule, ckpt_path: str | None = None) -> dict:
+        """Run the configured ``EvalCallback`` (or a default one) on ``model`` or a Lightning checkpoint.
+
+        Args:
+            ckpt_path: a checkpoint written by ``r3l fit``; its policy weights replace the model's.
+        """
+        if ckpt_path is not None:
+            path = Path(ckpt_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"--ckpt_path {path} does not exist")
+            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            model.load_state_dict(state)
+        model.to(self.strategy.root_device)
+        callback = next((c for c in self.callbacks if isinstance(c, EvalCallback)), None) or EvalCallback()
+        result = callback.run(datamodule, model)
+        for logger in self.loggers:
+            logger.log_metrics(result, step=0)
+            logger.save()
+        if self.is_global_zero:
+            print(describe("evaluate", result), flush=True)
+        return result
+
+
+class R3LCLI(LightningCLI):
+    """LightningCLI for ``R3LModule`` + ``ExperienceDataModule``, with the ``evaluate`` subcommand."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "evaluate": {"model", "datamodule"}}
+
+
+def cli_main(args: list[str] | None = None) -> R3LCLI:
+    return R3LCLI(
+        R3LModule,
+        ExperienceDataModule,
+        trainer_class=R3LTrainer,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main() -> None:
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Rollouts with ``transformers`` ``generate`` on the policy itself (no second copy of the weights)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+
+
+class HFEngine(RolloutEngine):
+    """Batched, left-padded ``generate`` on the training policy.
+
+    Prompts are processed in chunks of ``max_batch_size`` sequences (prompt × n). Logprobs are the
+    processed scores (after temperature / top-p) of the sampled ids. ``synced_gpus`` keeps sharded
+    (FSDP) ranks in lockstep: every rank runs forward passes until all ranks are done.
+    """
+
+    def __init__(self, max_batch_size: int = 64, synced_gpus: bool | None = None) -> None:
+        self.max_batch_size = max_batch_size
+        self.synced_gpus = synced_gpus
+
+    def _synced(self) -> bool:
+        if self.synced_gpus is not None:
+            return self.synced_gpus
+        return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+            torch.distributed.get_world_size() > 1
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        if self.policy is None:
+            raise RuntimeError("HFEngine.generate called before bind(policy, tokenizer, eos_token_ids)")
+        per_chunk = max(1, self.max_batch_size // params.n)
+        results: list[list[Completion]] = []
+        synced = self._synced()
+        # Under lockstep every rank must make the same number of generate calls.
+        num_chunks = (len(prompts) + per_chunk - 1) // per_chunk
+        if synced:
+            count = torch.tensor([num_chunks], device=self._device())
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            num_chunks = int(count.item())
+        for c in range(num_chunks):
+            chunk = prompts[c * per_chunk : (c + 1) * per_chunk]
+            if not chunk:  # this rank is done; keep the others company with a dummy prompt
+                self._generate_chunk([prompts[0] if prompts else [self.eos_token_ids[0]]], params, synced)
+                continue
+            results += self._generate_chunk(chunk, params, synced)
+        return results
+
+    def _device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, synced: bool):
+        device = self._device()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+            attention[i, width - len(p) :] = 1
+        greedy = params.temperature <= 0
+        config = GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy or params.top_p >= 1.0 else params.top_p,
+            top_k=None if greedy else 0,
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=1 if greedy else params.n,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=pad,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            out = self.policy.generate(
+                input_ids=input_ids, attention_mask=attention, generation_config=config, synced_gpus=synced
+            )
+        finally:
+            self.policy.train(was_training)
+        new_tokens = out.sequences[:, width:]
+        steps = len(out.scores)
+        logprobs = torch.stack(
+            [torch.log_softmax(out.scores[s].float(), dim=-1).gather(1, new_tokens[:, s : s + 1]).squeeze(1)
+             for s in range(steps)],
+            dim=1,
+        ) if steps else torch.zeros(new_tokens.shape, device=device)
+        eos = set(self.eos_token_ids)
+        completions: list[Completion] = []
+        for row, lp in zip(new_tokens.tolist(), logprobs.tolist()):
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+            finish = "stop" if end is not None else "length"
+            end = end if end is not None else min(len(row), params.max_new_tokens)
+            completions.append(Completion(row[:end], lp[:end], finish))
+        if greedy:  # n identical greedy continuations
+            return [[c] + [Completion(list(c.token_ids), list(c.logprobs), c.finish_reason) for _ in range(params.n - 1)]
+                    for c in completions]
+        return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]

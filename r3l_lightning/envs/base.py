@@ -1,0 +1,85 @@
+"""The environment protocol: text in, text out, a terminal reward in [0, 1]."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Task:
+    """One task instance. ``payload`` is environment-specific (numbers/target, question/answer, ...)."""
+
+    task_id: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class StepResult:
+    observation: str
+    reward: float
+    done: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Episode(ABC):
+    """One running episode of one task (owns the simulator state)."""
+
+    @abstractmethod
+    def reset(self) -> str:
+        """Start (or restart) the episode; returns the first observation."""
+
+    @abstractmethod
+    def step(self, action: str) -> StepResult:
+        """Apply the assistant's response text. Invalid responses are handled inside, never raised."""
+
+    @abstractmethod
+    def feedback(self) -> str:
+        """The final outcome text shown to the reflection (after ``done``)."""
+
+    def reflection_hint(self) -> str:
+        """Extra, environment-specific context for the reflection (e.g. the reference final answer)."""
+        return ""
+
+    def close(self) -> None:
+        """Release resources (simulator processes)."""
+
+    def restore(self, actions: list[str], observations: list[str]) -> bool:
+        """Restore the state after ``actions`` by reset + replay.
+
+        ``observations[i]`` is the observation seen before action i (``observations[0]`` is the
+        first observation; one more than ``actions``). Returns False when the replayed observations
+        differ (the environment is not deterministic): the caller skips the retry and counts it.
+        """
+        if self.reset() != observations[0]:
+            return False
+        for i, action in enumerate(actions):
+            result = self.step(action)
+            if result.done or result.observation != observations[i + 1]:
+                return False
+        return True
+
+
+class Environment(ABC):
+    """A family of tasks with shared rules: system prompt, turn limit, and episodes."""
+
+    max_turns: int = 1
+
+    @abstractmethod
+    def system_prompt(self) -> str:
+        """System message of every episode."""
+
+    @abstractmethod
+    def make_episode(self, task: Task) -> Episode:
+        """A fresh episode for ``task`` (not yet reset)."""
+
+
+class TaskSource(ABC):
+    """An indexable collection of tasks (generated or loaded)."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> Task: ...

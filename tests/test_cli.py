@@ -1,0 +1,110 @@
+"""The ``r3l`` command end to end: fit on the tiny model, evaluate, print_config, config errors, custom explorer."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r3l_lightning.cli import cli_main
+from r3l_lightning.explore.explorers import ExplorationResult, GroupExplorer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke" / "tiny.yaml"
+
+
+def test_fit_two_epochs_writes_metrics_checkpoint_and_hf_model(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(SMOKE)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[eval before training] success_rate=" in proc.stderr + proc.stdout
+    assert "[eval after training] success_rate=" in proc.stderr + proc.stdout
+    run_dir = tmp_path / "runs" / "smoke"
+    (metrics,) = list(run_dir.glob("logs/version_*/metrics.csv"))
+    rows = list(csv.DictReader(metrics.open()))
+    keys = set(rows[0])
+    for key in ("train/loss", "train/rl_loss", "train/sft_loss", "train/entropy", "train/masked_fraction",
+                "explore/base_success_rate", "explore/valid_reflection_rate", "explore/tokens_base",
+                "eval/success_rate"):
+        assert key in keys, f"{key} not logged"
+    assert sum(1 for r in rows if r["train/loss"]) == 4  # 2 epochs x 2 tasks, 1 group per step
+    assert sum(1 for r in rows if r["eval/success_rate"]) == 3  # before, after epoch 1, after training
+    assert list(run_dir.glob("**/events.out.tfevents.*")), "no TensorBoard log"
+    assert list(run_dir.glob("**/checkpoints/last.ckpt"))
+    (hf_dir,) = list(run_dir.glob("**/hf_model"))
+    assert (hf_dir / "config.json").exists() and (hf_dir / "model.safetensors").exists()
+
+
+def test_print_config_is_complete_and_rerunnable(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(SMOKE), "--print_config"])
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["model"]["model_name_or_path"] == "tiny-random-smollm2"
+    assert config["model"]["lr"] == 1e-4 and config["model"]["sft_coef"] == 1.0
+    explorer = config["trainer"]["callbacks"][0]["init_args"]["explorer"]
+    assert explorer["init_args"]["alpha"] == 3.0  # defaults are filled in
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(saved), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.lrr", "0.1"], "lrr"),  # unknown key
+        (["--data.groups_per_step", "many"], "groups_per_step"),  # wrong type
+    ],
+)
+def test_config_errors_name_the_key(override, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(SMOKE), *override])
+    assert exc.value.code != 0
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_names_the_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_name_or_path"):
+        cli_main(["fit", "--config", str(SMOKE), "--model.model_name_or_path", str(tmp_path / "nope")])
+
+
+class CountingExplorer(GroupExplorer):
+    """A user's own explorer: GRPO-style groups, counting its calls."""
+
+    calls = 0
+
+    def explore(self, tasks, ctx) -> ExplorationResult:
+        CountingExplorer.calls += 1
+        return super().explore(tasks, ctx)
+
+
+def test_custom_explorer_class_is_picked_up_from_the_config(tmp_path, monkeypatch):
+    config = yaml.safe_load(SMOKE.read_text())
+    exploration = config["trainer"]["callbacks"][0]["init_args"]
+    exploration["explorer"] = {"class_path": f"{__name__}.CountingExplorer",
+                               "init_args": {"group_size": 2, "max_new_tokens": 8}}
+    config["trainer"].update(max_epochs=1, logger=False, enable_checkpointing=False)
+    config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]
+    path = tmp_path / "custom.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(path)])
+    assert type(cli.trainer.callbacks[0].explorer).__name__ == "CountingExplorer"
+    assert CountingExplorer.calls == 1
+    assert cli.trainer.global_step >= 1
+
+
+def test_evaluate_subcommand_reports_success_rate(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["evaluate", "--config", str(SMOKE), "--trainer.logger", "false"])
+    assert cli.trainer.callbacks  # the configured EvalCallback ran
+    out = capsys.readouterr()
+    assert "[eval evaluate] success_rate=" in out.out + out.err
