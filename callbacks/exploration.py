@@ -34,10 +34,13 @@ def reduce_max_fn(trainer: L.Trainer):
 
 
 def reduce_stats(trainer: L.Trainer, stats: dict[str, float]) -> dict[str, float]:
-    """Counts are summed over ranks, rates and means averaged. Keys must match across ranks."""
-    if trainer.world_size == 1 or not stats:
+    """Counts are summed over ranks, rates and means averaged (a key missing on a rank counts as 0)."""
+    if trainer.world_size == 1:
         return stats
-    keys = sorted(stats)
+    gathered: list[list[str]] = [[] for _ in range(trainer.world_size)]
+    torch.distributed.all_gather_object(gathered, sorted(stats))
+    keys = sorted(set().union(*gathered))
+    stats = {k: stats.get(k, 0.0) for k in keys}
     tensor = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=trainer.strategy.root_device)
     total = trainer.strategy.reduce(tensor, reduce_op="sum")
     return {

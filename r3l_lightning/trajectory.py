@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
-SampleKind = Literal["base", "distill", "sft_reflect", "sft_retry", "eval"]
+SampleKind = Literal["base", "distill", "retry", "sft_reflect", "sft_retry", "sft_success", "eval"]
 
 
 @dataclass

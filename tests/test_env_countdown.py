@@ -7,6 +7,8 @@ from fractions import Fraction
 
 import pytest
 
+from r3l_lightning.envs.answer_format import extract_answer
+from r3l_lightning.envs.base import Task
 from r3l_lightning.envs.countdown import CountdownEnv, CountdownTasks, InvalidEquation, evaluate_expression
 
 
@@ -35,14 +37,33 @@ def test_tasks_are_deterministic_sized_and_solvable():
         p = tasks[i].payload
         assert 3 <= len(p["numbers"]) <= 4 and 1 <= p["target"] <= 100
         assert solvable(p["numbers"], p["target"]), p
+    assert tasks[7].task_id == "countdown-3-7" and CountdownTasks(size=50, seed=3)[7] == tasks[7]
     with pytest.raises(IndexError):
         tasks[50]
+
+
+def test_difficulty_is_configurable():
+    tasks = CountdownTasks(size=20, seed=0, min_numbers=2, max_numbers=2, max_value=5, max_target=10)
+    for i in range(20):
+        p = tasks[i].payload
+        assert len(p["numbers"]) == 2 and max(p["numbers"]) <= 5 and 1 <= p["target"] <= 10
+        assert solvable(p["numbers"], p["target"])
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [("<think>x</think><answer> 3 + 4 </answer>", "3 + 4"), ("<answer>1</answer> then <answer>2</answer>", "2"),
+     ("<ANSWER>\n5\n</ANSWER>", "5"), ("< answer >6</ answer >", "6"), ("<answer>  </answer>", None),
+     ("no tags", None), ("<answer>unclosed", None)],
+)
+def test_extract_answer_takes_the_last_non_empty_answer(text, answer):
+    assert extract_answer(text) == answer
 
 
 @pytest.mark.parametrize(
     "expression, value, numbers",
     [("(3 + 5) * 2", 16, [3, 5, 2]), ("10 / 4", Fraction(5, 2), [10, 4]), ("7-2*3", 1, [7, 2, 3]),
-     ("8 × 2 ÷ 4", 4, [8, 2, 4])],
+     ("8 × 2 ÷ 4", 4, [8, 2, 4]), ("(3 \\times 5) \\div 5", 3, [3, 5, 5])],
 )
 def test_expressions_are_evaluated_exactly(expression, value, numbers):
     assert evaluate_expression(expression) == (value, numbers)
@@ -51,7 +72,8 @@ def test_expressions_are_evaluated_exactly(expression, value, numbers):
 @pytest.mark.parametrize(
     "expression",
     ["__import__('os').system('echo hi')", "x + 1", "abs(-3)", "2 ** 10", "(1).real", "3 / 0", "1 +",
-     "9" * 11 + " * " + "9" * 11, "1 + " * 100 + "1", "2.5 + 1", "-3 + 5"],
+     "9" * 11 + " * " + "9" * 11, "99999 * 99999", "1 + " * 100 + "1", "2.5 + 1", "-3 + 5", "0x10 + 1",
+     "1_0 + 2", "3 \x00+ 1", "[1, 2]", "1 if 2 else 3", "lambda: 1", "True + 1"],
 )
 def test_unsafe_or_invalid_expressions_are_rejected_without_running_them(expression):
     with pytest.raises(InvalidEquation):
@@ -61,7 +83,6 @@ def test_unsafe_or_invalid_expressions_are_rejected_without_running_them(express
 @pytest.fixture()
 def episode():
     env = CountdownEnv(max_attempts=3)
-    from r3l_lightning.envs.base import Task
     ep = env.make_episode(Task("t", {"numbers": [3, 5, 2], "target": 16}))
     ep.reset()
     return ep
@@ -75,8 +96,10 @@ def test_correct_answer_with_trailing_equals_scores_one(episode):
 
 @pytest.mark.parametrize(
     "answer, outcome, text",
-    [("3 + 5 + 2", "incorrect", "evaluates to 10"), ("(3 + 5) * 2 * 2", "incorrect", "exactly once"),
-     ("(3 + 5) * 1", "incorrect", "exactly once"), ("3 / (5 - 5) + 2", "invalid_equation", "division by zero"),
+    [("3 + 5 + 2", "incorrect", "evaluates to 10"), ("(3 + 5) * 2 * 2", "incorrect", "uses [2] beyond"),
+     ("(3 + 5) * 1 * 2", "incorrect", "uses [1] beyond"), ("(3 + 13)", "incorrect", "does not use [2, 5]"),
+     ("3 + 5 = 16", "incorrect", "evaluates to 8"), ("3 + 5 * 2 = 8 * 2", "invalid_equation", "not a valid"),
+     ("3 / (5 - 5) + 2", "invalid_equation", "division by zero"),
      ("__import__('os')", "invalid_equation", "only integers")],
 )
 def test_wrong_answers_get_feedback_and_another_attempt(episode, answer, outcome, text):
@@ -86,7 +109,7 @@ def test_wrong_answers_get_feedback_and_another_attempt(episode, answer, outcome
 
 
 def test_three_wrong_attempts_end_with_zero_and_second_try_can_win(episode):
-    for attempt in range(3):
+    for _ in range(3):
         result = episode.step("<answer>3 + 5 + 2</answer>")
     assert (result.reward, result.done) == (0.0, True)
     assert "Not solved after 3 attempt(s)" in episode.feedback()
@@ -97,7 +120,6 @@ def test_three_wrong_attempts_end_with_zero_and_second_try_can_win(episode):
 
 
 def test_invalid_format_ends_the_episode_or_costs_an_attempt():
-    from r3l_lightning.envs.base import Task
     task = Task("t", {"numbers": [3, 5, 2], "target": 16})
     strict = CountdownEnv().make_episode(task)
     strict.reset()
@@ -105,8 +127,17 @@ def test_invalid_format_ends_the_episode_or_costs_an_attempt():
     assert (result.reward, result.done, result.info["outcome"]) == (0.0, True, "invalid_format")
     lenient = CountdownEnv(end_on_invalid_format=False).make_episode(task)
     lenient.reset()
-    assert not lenient.step("no tags").done
-    assert lenient.step("<answer>(3+5)*2</answer>").reward == 1.0
+    first = lenient.step("no tags")
+    assert not first.done and "Invalid format" in first.observation
+    result = lenient.step("<answer>(3+5)*2</answer>")
+    assert (result.reward, result.info["attempt"]) == (1.0, 2) and "attempt 2" in lenient.feedback()
+
+
+def test_prompts_state_the_rules_numbers_and_target():
+    env = CountdownEnv()
+    assert "<answer>" in env.system_prompt() and "(3 + 5) * 2" in env.system_prompt() and env.max_turns == 3
+    first = env.make_episode(Task("t", {"numbers": [3, 5, 2], "target": 16})).reset()
+    assert "[3, 5, 2]" in first and "16" in first
 
 
 def test_restore_by_replay_reproduces_the_observations(episode):

@@ -159,3 +159,65 @@ def test_without_pivotal_credit_every_turn_is_trainable(tiny_chat):
     base, distill = result.groups[0][0], result.groups[0][1]
     assert _text(tiny_chat, base, trainable_only=True).count("pear") == 3
     assert _text(tiny_chat, distill, trainable_only=True) == "pear<|im_end|>apple<|im_end|>"
+
+
+def test_reflect_grpo_mode_retries_failures_from_scratch_and_trains_the_guided_retry(tiny_chat):
+    result, engine = run(tiny_chat, json.dumps(REFLECTION), advantage="grpo", reflect_on="failures",
+                         retry_from_scratch=True, distill=False, pivotal_credit=False, sft_rule="none")
+    group = result.groups[0]
+    assert [s.kind for s in group] == ["base", "retry", "base", "retry"]
+    retry = group[1]
+    text = _text(tiny_chat, retry)
+    assert "previous attempt at this task had issues" in text.split("<|im_end|>")[0]  # in the system prompt
+    assert _text(tiny_chat, retry, trainable_only=True) == "apple<|im_end|>"  # from scratch: one turn
+    assert result.sft == []
+    assert [s.advantage for s in group] == pytest.approx([-0.8660254, 0.8660254] * 2, abs=1e-5)
+
+
+def test_only_failures_are_reflected_on_when_asked(tiny_chat):
+    env = GuessEnv(max_turns=3)
+    engine = ScriptedEngine(script(json.dumps(REFLECTION), base_answer="apple"), tiny_chat.tokenizer,
+                            tiny_chat.tokenizer.eos_token_id)
+    R3LExplorer(group_size=4, reflect_on="failures").explore([GuessTasks(1)[0]], RolloutContext(env, engine, tiny_chat))
+    assert engine.calls == [2]  # both base episodes won at once: no reflection call
+
+
+def test_group_options_drop_uniform_groups_scale_and_overlong_penalty(tiny_chat):
+    env = GuessEnv(max_turns=1)
+    engine = ScriptedEngine(lambda p: "pear", tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    ctx = RolloutContext(env, engine, tiny_chat)
+    dropped = GroupExplorer(group_size=3, drop_uniform_groups=True).explore([GuessTasks(1)[0]], ctx)
+    assert dropped.groups == [] and dropped.stats["groups_dropped"] == 1
+    # alternate answers: rewards [1, 0]; mean_baseline [.5, -.5] scaled by 1/(1 + τ) with τ = 1
+    answers = iter(["apple", "pear"] * 2)
+    engine.script = lambda p: next(answers)
+    opmd = GroupExplorer(group_size=2, advantage="mean_baseline", advantage_scale=0.5).explore([GuessTasks(1)[0]], ctx)
+    assert [s.advantage for s in opmd.groups[0]] == pytest.approx([0.25, -0.25])
+
+
+def test_overlong_penalty_lowers_the_reward_of_truncated_trajectories(tiny_chat):
+    from r3l_lightning.engines.base import Completion
+
+    class Truncating(ScriptedEngine):
+        def generate(self, prompts, params):
+            out = super().generate(prompts, params)
+            return [[Completion(c.token_ids[:-1], c.logprobs[:-1], "length") for c in o] if i == 0 else o
+                    for i, o in enumerate(out)]
+
+    engine = Truncating(lambda p: "apple", tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    result = GroupExplorer(group_size=2, advantage="mean_baseline", overlong_penalty=0.5).explore(
+        [GuessTasks(1)[0]], RolloutContext(GuessEnv(max_turns=1), engine, tiny_chat))
+    # both win (R = 1) but the first was truncated: rewards [.5, 1] -> [-.25, .25]
+    assert [s.advantage for s in result.groups[0]] == pytest.approx([-0.25, 0.25])
+    assert result.stats["overlong_responses"] == 1
+
+
+def test_raft_keeps_only_successes_as_sft(tiny_chat):
+    from r3l_lightning.explore.explorers import RAFTExplorer
+
+    answers = iter(["apple", "pear", "pear", "apple"])
+    engine = ScriptedEngine(lambda p: next(answers), tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    result = RAFTExplorer(group_size=4).explore([GuessTasks(1)[0]], RolloutContext(GuessEnv(max_turns=1), engine, tiny_chat))
+    assert result.groups == []
+    assert [s.kind for s in result.sft] == ["sft_success", "sft_success"]
+    assert all(_text(tiny_chat, s, trainable_only=True) == "apple<|im_end|>" for s in result.sft)

@@ -11,7 +11,7 @@ FORMAT_INSTRUCTIONS = (
     "Think step by step inside <think> </think>, then give only the final answer inside "
     "<answer> </answer>, for example: <think> reasoning </think><answer> final answer </answer>"
 )
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_ANSWER = re.compile(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", re.DOTALL | re.IGNORECASE)
 
 
 def extract_answer(text: str) -> str | None:
@@ -44,8 +44,12 @@ class AttemptEpisode(Episode):
         """The first observation."""
 
     @abstractmethod
-    def check(self, answer: str) -> tuple[bool, str, str]:
-        """(correct, outcome label, feedback message) for an extracted answer."""
+    def check(self, answer: str) -> tuple[str, str]:
+        """(outcome, feedback message) for an extracted answer.
+
+        Outcome ``"correct"`` ends the episode with reward 1; any other label (``"incorrect"``, ...)
+        costs an attempt. The label is reported in ``info["outcome"]``.
+        """
 
     def reset(self) -> str:
         self.attempt = 0
@@ -57,13 +61,12 @@ class AttemptEpisode(Episode):
         self.attempt += 1
         answer = extract_answer(action)
         if answer is None:
-            outcome, message = "invalid_format", "Invalid format: no <answer> </answer> block was found."
-            correct = False
+            outcome, message = "invalid_format", "Invalid format: no non-empty <answer> </answer> block was found."
         else:
-            correct, outcome, message = self.check(answer)
+            outcome, message = self.check(answer)
         self.history.append((outcome, message))
         info = {"attempt": self.attempt, "outcome": outcome}
-        if correct:
+        if outcome == "correct":
             self.solved = True
             return StepResult("Correct!", 1.0, True, info)
         out_of_attempts = self.attempt >= self.max_attempts

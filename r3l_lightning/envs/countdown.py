@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from collections import Counter
 from fractions import Fraction
 
@@ -18,7 +19,8 @@ from r3l_lightning.envs.base import Environment, Episode, Task, TaskSource
 
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.Div: lambda a, b: a / b}
-_SYMBOLS = {"+": ast.Add, "-": ast.Sub, "*": ast.Mult, "/": ast.Div}
+_SYMBOL_ALIASES = {"×": "*", "÷": "/", "−": "-", "\\times": "*", "\\cdot": "*", "\\div": "/"}
+_TRAILING_RESULT = re.compile(r"=\s*-?\d+(\.\d+)?\s*$")
 MAX_EXPRESSION_CHARS = 200
 MAX_MAGNITUDE = 10**9
 
@@ -31,25 +33,32 @@ def evaluate_expression(expression: str) -> tuple[Fraction, list[int]]:
     """Exact value of ``expression`` and the integer literals it uses. Raises :class:`InvalidEquation`."""
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise InvalidEquation(f"the expression is longer than {MAX_EXPRESSION_CHARS} characters")
-    text = expression.replace("×", "*").replace("÷", "/").replace("−", "-")
+    text = expression
+    for symbol, op in _SYMBOL_ALIASES.items():
+        text = text.replace(symbol, op)
+    text = text.strip()
     try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError as err:
-        raise InvalidEquation(f"not a valid arithmetic expression ({err.msg})") from None
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError) as err:
+        raise InvalidEquation(f"not a valid arithmetic expression ({getattr(err, 'msg', err)})") from None
     numbers: list[int] = []
+
+    def check_magnitude(value: Fraction) -> Fraction:
+        if abs(value) > MAX_MAGNITUDE:
+            raise InvalidEquation("a number or intermediate value is too large")
+        return value
 
     def visit(node: ast.AST) -> Fraction:
         if isinstance(node, ast.Constant) and type(node.value) is int:
+            if not (ast.get_source_segment(text, node) or "").isdigit():
+                raise InvalidEquation("numbers must be written as plain decimal integers")
             numbers.append(node.value)
-            return Fraction(node.value)
+            return check_magnitude(Fraction(node.value))
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             left, right = visit(node.left), visit(node.right)
             if isinstance(node.op, ast.Div) and right == 0:
                 raise InvalidEquation("division by zero")
-            value = _OPS[type(node.op)](left, right)
-            if abs(value) > MAX_MAGNITUDE:
-                raise InvalidEquation("an intermediate value is too large")
-            return value
+            return check_magnitude(_OPS[type(node.op)](left, right))
         raise InvalidEquation(f"only integers, + - * / and parentheses are allowed (found {type(node).__name__})")
 
     return visit(tree.body), numbers
@@ -57,12 +66,17 @@ def evaluate_expression(expression: str) -> tuple[Fraction, list[int]]:
 
 class CountdownTasks(TaskSource):
     """Seeded Countdown tasks: ``min_numbers``–``max_numbers`` numbers in [1, ``max_value``] and a
-    target in [1, ``max_target``] reachable by combining all of them."""
+    target in [1, ``max_target``] reachable by combining all of them.
+
+    Task ``i`` depends on (``seed``, ``i``) alone, so any index is generated on demand.
+    """
 
     def __init__(self, size: int = 10000, seed: int = 0, min_numbers: int = 3, max_numbers: int = 4,
                  max_value: int = 20, max_target: int = 100) -> None:
         if not 2 <= min_numbers <= max_numbers:
             raise ValueError("need 2 <= min_numbers <= max_numbers")
+        if max_value < 1 or max_target < 1:
+            raise ValueError("max_value and max_target must be >= 1")
         self.size, self.seed = size, seed
         self.min_numbers, self.max_numbers = min_numbers, max_numbers
         self.max_value, self.max_target = max_value, max_target
@@ -75,26 +89,22 @@ class CountdownTasks(TaskSource):
             raise IndexError(f"task {index} out of range [0, {self.size})")
         rng = random.Random(f"countdown-{self.seed}-{index}")
         while True:
-            numbers = [rng.randint(1, self.max_value) for _ in range(rng.randint(self.min_numbers, self.max_numbers))]
-            target = self._combine(numbers, rng)
-            if target is not None:
-                return Task(f"countdown-{self.seed}-{index}", {"numbers": numbers, "target": target})
+            count = rng.randint(self.min_numbers, self.max_numbers)
+            numbers = [rng.randint(1, self.max_value) for _ in range(count)]
+            target = _combine(numbers, rng)
+            if target.denominator == 1 and 1 <= target <= self.max_target:
+                return Task(f"countdown-{self.seed}-{index}", {"numbers": numbers, "target": int(target)})
 
-    def _combine(self, numbers: list[int], rng: random.Random) -> int | None:
-        """Combine all numbers in a random order with random operations; None if the target is unusable."""
-        order = numbers[:]
-        rng.shuffle(order)
-        value = Fraction(order[0])
-        for n in order[1:]:
-            op = rng.choice("+-*/")
-            if op == "-" and value < n:
-                op = "+"
-            if op == "/" and value % n != 0:
-                op = "*"
-            value = _OPS[_SYMBOLS[op]](value, Fraction(n))
-        if value.denominator != 1 or not 1 <= value <= self.max_target:
-            return None
-        return int(value)
+
+def _combine(numbers: list[int], rng: random.Random) -> Fraction:
+    """Fold all numbers, in a random order, with random operations whose result is a non-negative integer."""
+    order = numbers[:]
+    rng.shuffle(order)
+    value = Fraction(order[0])
+    for n in order[1:]:
+        results = [value + n, value - n, value * n, value / n]
+        value = rng.choice([r for r in results if r >= 0 and r.denominator == 1])
+    return value
 
 
 class CountdownEpisode(AttemptEpisode):
@@ -103,21 +113,28 @@ class CountdownEpisode(AttemptEpisode):
         return (f"Using the numbers {p['numbers']}, create an equation that equals {p['target']}. "
                 f"Use each number exactly once, with + - * / and parentheses.")
 
-    def check(self, answer: str) -> tuple[bool, str, str]:
-        expression = answer.split("=")[0]
+    def check(self, answer: str) -> tuple[str, str]:
+        expression = _TRAILING_RESULT.sub("", answer)
         try:
             value, used = evaluate_expression(expression)
         except InvalidEquation as err:
-            return False, "invalid_equation", f"Invalid equation: {err}."
-        expected = Counter(self.task.payload["numbers"])
-        if Counter(used) != expected:
-            return False, "incorrect", (f"Incorrect: the equation uses {sorted(used)} but must use each of "
-                                        f"{sorted(expected.elements())} exactly once.")
-        target = self.task.payload["target"]
+            return "invalid_equation", f"Invalid equation: {err}."
+        numbers, target = self.task.payload["numbers"], self.task.payload["target"]
+        if Counter(used) == Counter(numbers) and value == target:
+            return "correct", "Correct!"
+        problems = []
         if value != target:
             shown = str(value) if value.denominator == 1 else f"{value} (≈{float(value):.3g})"
-            return False, "incorrect", f"Incorrect: the equation evaluates to {shown}, not {target}."
-        return True, "correct", "Correct!"
+            problems.append(f"the equation evaluates to {shown}, not {target}")
+        unused = sorted((Counter(numbers) - Counter(used)).elements())
+        extra = sorted((Counter(used) - Counter(numbers)).elements())
+        if unused:
+            problems.append(f"it does not use {unused}")
+        if extra:
+            problems.append(f"it uses {extra} beyond the given numbers")
+        if unused or extra:
+            problems.append(f"each of {sorted(numbers)} must be used exactly once")
+        return "incorrect", f"Incorrect: {'; '.join(problems)}."
 
 
 class CountdownEnv(Environment):

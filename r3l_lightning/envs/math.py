@@ -8,6 +8,7 @@ project's CI machines; the loaders are tested on small fixtures in ``tests/fixtu
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,8 @@ from r3l_lightning.envs.answer_format import FORMAT_INSTRUCTIONS, AttemptEpisode
 from r3l_lightning.envs.base import Environment, Episode, Task, TaskSource
 
 AnswerFormat = Literal["plain", "gsm8k", "boxed"]
+_FILE_TYPES = (".jsonl", ".json", ".parquet")
+VERIFY_TIMEOUT_S = 5  # per parse/verify call, main thread only (math-verify's timeout uses signal.alarm)
 
 
 def last_boxed(text: str) -> str | None:
@@ -55,12 +58,18 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
                 raise ValueError(f"{path}:{n}: malformed JSON line ({err.msg})") from None
         return rows
     if path.suffix == ".json":
-        return [(f"{path}[{i}]", row) for i, row in enumerate(json.loads(path.read_text()))]
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+        return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return [(f"{path} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(_FILE_TYPES)})")
 
 
 def _read_hf_dataset(name: str, split: str) -> list[tuple[str, dict]]:
@@ -91,11 +100,13 @@ class MathTasks(TaskSource):
     def __init__(self, path: str, question_field: str = "question", answer_field: str = "answer",
                  answer_format: AnswerFormat = "plain", split: str = "train", limit: int | None = None) -> None:
         source = Path(path).expanduser()
+        if source.suffix in _FILE_TYPES and not source.is_file():
+            raise FileNotFoundError(f"no such data file: {source}")
         rows = _read_rows(source) if source.is_file() else _read_hf_dataset(path, split)
         self.tasks: list[Task] = []
         for location, row in rows[:limit]:
             for name in (question_field, answer_field):
-                if not isinstance(row, dict) or not str(row.get(name) or "").strip():
+                if not isinstance(row, dict) or row.get(name) is None or not str(row[name]).strip():
                     raise ValueError(
                         f"{location}: missing or empty field {name!r} (configured question_field="
                         f"{question_field!r}, answer_field={answer_field!r}; change them to this data's columns)"
@@ -114,14 +125,18 @@ class MathTasks(TaskSource):
 
 
 def answers_match(reference: str, answer: str) -> bool:
-    """math-verify equivalence of two final answers, each parsed as LaTeX (``$…$``) and as plain text.
+    """math-verify equivalence of two final answers; any failure inside it counts as a mismatch.
 
-    Any failure inside math-verify counts as a mismatch, never as an error.
+    Each answer is parsed both as given and wrapped in ``$…$``, so plain numbers and bare LaTeX both
+    parse. math-verify's timeouts rely on ``signal.alarm``, which only works on the main thread, so
+    they are used there and disabled elsewhere (a worker thread then has no guard against answers
+    like ``9^{9^{9}}`` that take sympy very long).
     """
+    timeout = VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     try:
-        golds = [g for g in (parse(f"${reference}$", parsing_timeout=None), parse(reference, parsing_timeout=None)) if g]
-        preds = [p for p in (parse(f"${answer}$", parsing_timeout=None), parse(answer, parsing_timeout=None)) if p]
-        return any(verify(g, p, timeout_seconds=None) for g in golds for p in preds)
+        gold = parse(f"${reference}$", parsing_timeout=timeout) + parse(reference, parsing_timeout=timeout)
+        pred = parse(f"${answer}$", parsing_timeout=timeout) + parse(answer, parsing_timeout=timeout)
+        return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout))
     except Exception:  # noqa: BLE001 - a verifier error is a wrong answer, never a crash
         return False
 
@@ -134,10 +149,10 @@ class MathEpisode(AttemptEpisode):
     def question(self) -> str:
         return self.task.payload["question"]
 
-    def check(self, answer: str) -> tuple[bool, str, str]:
+    def check(self, answer: str) -> tuple[str, str]:
         if answers_match(self.task.payload["answer"], answer):
-            return True, "correct", "Correct!"
-        return False, "incorrect", f"Incorrect: {answer} is not the right answer."
+            return "correct", "Correct!"
+        return "incorrect", f"Incorrect: {answer} is not the right answer."
 
     def reflection_hint(self) -> str:
         return f"The reference final answer is: {self.task.payload['answer']}" if self.reveal else ""

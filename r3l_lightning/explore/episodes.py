@@ -113,6 +113,7 @@ def run_episodes(
             counters.add(token_key, len(completion.token_ids))
             if completion.finish_reason == "length":
                 counters.add("overlong_responses")
+                state.trajectory.info["truncated"] = True
             message = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)
             state.messages.append(message)
             state.trajectory.actions.append(message.content)

@@ -57,22 +57,6 @@ def is_success(reward: float) -> bool:
     return reward >= 1.0
 
 
-def build_group(
-    ctx: RolloutContext,
-    trajectories: list[Trajectory],
-    pivots: list[int],
-    mode: AdvantageMode,
-    alpha: float,
-    group_id: str,
-) -> list[TrainingSample]:
-    """RL samples of one group: advantages over the group's rewards, turns before each pivot masked."""
-    advantages = group_advantages([t.reward for t in trajectories], mode=mode, alpha=alpha).tolist()
-    return [
-        make_sample(ctx.chat.tokenize(t.messages), a, t.kind, first_trainable_turn=p, group_id=group_id)
-        for t, a, p in zip(trajectories, advantages, pivots)
-    ]
-
-
 class GroupExplorer(Explorer):
     """``group_size`` independent samples per task; advantages per group (GRPO-style exploration)."""
 
@@ -84,6 +68,9 @@ class GroupExplorer(Explorer):
         max_new_tokens: int = 256,
         advantage: AdvantageMode = "grpo",
         alpha: float = 3.0,
+        advantage_scale: float = 1.0,
+        drop_uniform_groups: bool = False,
+        overlong_penalty: float = 0.0,
         seed: int = 0,
     ) -> None:
         if group_size < 1:
@@ -92,8 +79,24 @@ class GroupExplorer(Explorer):
         self.sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self.advantage = advantage
         self.alpha = alpha
+        self.advantage_scale = advantage_scale
+        self.drop_uniform_groups = drop_uniform_groups
+        self.overlong_penalty = overlong_penalty
         self.seed = seed
         self._calls = 0
+
+    def make_group(self, ctx: RolloutContext, trajectories: list[Trajectory], pivots: list[int], group_id: str,
+                   counters: RolloutCounters) -> list[TrainingSample]:
+        """RL samples of one group, or none when ``drop_uniform_groups`` and all rewards are equal."""
+        rewards = [t.reward - (self.overlong_penalty if t.info.get("truncated") else 0.0) for t in trajectories]
+        if self.drop_uniform_groups and len(set(rewards)) <= 1:
+            counters.add("groups_dropped")
+            return []
+        advantages = group_advantages(rewards, mode=self.advantage, alpha=self.alpha) * self.advantage_scale
+        return [
+            make_sample(ctx.chat.tokenize(t.messages), a, t.kind, first_trainable_turn=p, group_id=group_id)
+            for t, a, p in zip(trajectories, advantages.tolist(), pivots)
+        ]
 
     def _params(self, base: SamplingParams, offset: int = 0) -> SamplingParams:
         """Sampling params with a fresh seed per call (reproducible from ``seed``)."""
@@ -111,10 +114,27 @@ class GroupExplorer(Explorer):
         groups = self.rollout(tasks, self.group_size, ctx, counters)
         result = ExplorationResult()
         for task, group in zip(tasks, groups):
-            result.groups.append(build_group(ctx, group, [0] * len(group), self.advantage, self.alpha, task.task_id))
+            samples = self.make_group(ctx, group, [0] * len(group), task.task_id, counters)
+            if samples:
+                result.groups.append(samples)
         rewards = [t.reward for g in groups for t in g]
         result.stats = base_stats(rewards, counters)
         result.stats["samples_base"] = float(len(rewards))
+        return result
+
+
+class RAFTExplorer(GroupExplorer):
+    """RAFT: ``group_size`` samples per task; successful trajectories become SFT samples, nothing else."""
+
+    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
+        self._calls += 1
+        counters = RolloutCounters()
+        trajectories = [t for group in self.rollout(tasks, self.group_size, ctx, counters) for t in group]
+        result = ExplorationResult()
+        result.sft = [make_sample(ctx.chat.tokenize(t.messages), 1.0, "sft_success", 0, t.task_id)
+                      for t in trajectories if is_success(t.reward)]
+        result.stats = base_stats([t.reward for t in trajectories], counters)
+        result.stats["samples_sft_success"] = float(len(result.sft))
         return result
 
 
@@ -145,8 +165,12 @@ class R3LExplorer(GroupExplorer):
     Per task: ``group_size // 2`` base trajectories; a reflection on each; a retry from the pivot with
     guidance when the reflection is valid, not ``success`` and the pivot is in range; the group is
     base ∪ distill. ``sft_rule``: ``paper`` admits a correction when R' > R, ``reference`` also
-    requires R' >= 1. ``keep_success_reflections`` (reference variant) keeps ``success`` reflections
-    of successful base trajectories as SFT samples.
+    requires R' >= 1, ``none`` keeps no SFT data. ``keep_success_reflections`` (reference variant)
+    keeps ``success`` reflections of successful base trajectories as SFT samples.
+
+    Reflect-GRPO is this explorer with ``reflect_on="failures"``, ``retry_from_scratch=True`` (the
+    guidance goes into the system prompt, pivot 0), ``distill=False`` (the guided retry itself is the
+    RL sample), ``pivotal_credit=False`` and ``sft_rule="none"``.
     """
 
     def __init__(
@@ -161,11 +185,18 @@ class R3LExplorer(GroupExplorer):
         reflection_max_new_tokens: int = 512,
         retries_per_base: int = 1,
         pivotal_credit: bool = True,
-        sft_rule: Literal["paper", "reference"] = "paper",
+        sft_rule: Literal["paper", "reference", "none"] = "paper",
         keep_success_reflections: bool = False,
+        reflect_on: Literal["all", "failures"] = "all",
+        retry_from_scratch: bool = False,
+        distill: bool = True,
+        advantage_scale: float = 1.0,
+        drop_uniform_groups: bool = False,
+        overlong_penalty: float = 0.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(group_size, temperature, top_p, max_new_tokens, advantage, alpha, seed)
+        super().__init__(group_size, temperature, top_p, max_new_tokens, advantage, alpha, advantage_scale,
+                         drop_uniform_groups, overlong_penalty, seed)
         if group_size < 2:
             raise ValueError(f"R3LExplorer needs group_size >= 2 (N/2 base + N/2 retries), got {group_size}")
         self.reflection_sampling = SamplingParams(reflection_temperature, top_p, reflection_max_new_tokens)
@@ -173,6 +204,9 @@ class R3LExplorer(GroupExplorer):
         self.pivotal_credit = pivotal_credit
         self.sft_rule = sft_rule
         self.keep_success_reflections = keep_success_reflections
+        self.reflect_on = reflect_on
+        self.retry_from_scratch = retry_from_scratch
+        self.distill = distill
 
     def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
         self._calls += 1
@@ -195,14 +229,20 @@ class R3LExplorer(GroupExplorer):
                 trajectories.append(pair.base)
                 pivots.append(pivot)
                 if pair.retry is not None:
-                    trajectories.append(self._distill(pair))
+                    trajectories.append(self._distill(pair) if self.distill else self._guided(pair))
                     pivots.append(pivot)
-            result.groups.append(build_group(ctx, trajectories, pivots, self.advantage, self.alpha, task.task_id))
+            samples = self.make_group(ctx, trajectories, pivots, task.task_id, counters)
+            if samples:
+                result.groups.append(samples)
             result.sft += self._sft_samples(task_pairs, ctx, task.task_id)
         result.stats = self._stats(pairs, result, counters)
         return result
 
     def _reflect(self, pairs: list[_Pair], ctx: RolloutContext, counters: RolloutCounters) -> None:
+        if self.reflect_on == "failures":
+            pairs = [p for p in pairs if not is_success(p.base.reward)]
+        if not pairs:
+            return
         prompts = [ctx.chat.prompt_ids(p.reflection_messages) for p in pairs]
         outputs = ctx.engine.generate(prompts, self._params(self.reflection_sampling, 1))
         if ctx.progress is not None:
@@ -232,11 +272,11 @@ class R3LExplorer(GroupExplorer):
         for pair, state in attempts:  # keep the best retry of each pair (first on ties)
             if pair.retry is None or state.trajectory.reward > pair.retry.reward:
                 pair.retry = state.trajectory
-                pair.pivot = pair.reflection.retry_from_step
+                pair.pivot = 0 if self.retry_from_scratch else pair.reflection.retry_from_step
 
     def _restore(self, pair: _Pair, ctx: RolloutContext, counters: RolloutCounters) -> EpisodeState | None:
         """A new episode restored to the pivot turn, with guidance inserted; None on replay mismatch."""
-        k = pair.reflection.retry_from_step
+        k = 0 if self.retry_from_scratch else pair.reflection.retry_from_step
         base = pair.base
         state = start_episode(ctx, pair.task, counters, kind="sft_retry")
         if state.done:
@@ -274,14 +314,22 @@ class R3LExplorer(GroupExplorer):
         distill.kind = "distill"
         return distill
 
+    def _guided(self, pair: _Pair) -> Trajectory:
+        """The retry as generated, guidance in the context, as an RL sample (Reflect-GRPO)."""
+        guided = copy.copy(pair.retry)
+        guided.kind = "retry"
+        return guided
+
     def _admits(self, pair: _Pair) -> bool:
-        if pair.retry is None or not pair.retry.reward > pair.base.reward:
+        if self.sft_rule == "none" or pair.retry is None or not pair.retry.reward > pair.base.reward:
             return False
         return self.sft_rule == "paper" or is_success(pair.retry.reward)
 
     def _sft_samples(self, pairs: list[_Pair], ctx: RolloutContext, group_id: str) -> list[TrainingSample]:
         samples = []
         for pair in pairs:
+            if pair.reflection_response is None:
+                continue
             reflection_sample = pair.reflection_messages + [pair.reflection_response]
             if self._admits(pair):
                 samples.append(make_sample(ctx.chat.tokenize(reflection_sample), 1.0, "sft_reflect", 0, group_id))
@@ -301,14 +349,15 @@ class R3LExplorer(GroupExplorer):
         stats = base_stats([p.base.reward for p in pairs], counters)
         n = max(len(pairs), 1)
         retried = [p for p in pairs if p.retry is not None]
-        stats["valid_reflection_rate"] = sum(p.reflection is not None for p in pairs) / n
+        reflected = [p for p in pairs if p.reflection_response is not None]
+        stats["valid_reflection_rate"] = sum(p.reflection is not None for p in reflected) / max(len(reflected), 1)
         stats["retry_trigger_rate"] = counters.counts["retries_triggered"] / n
         stats["retry_improvement_rate"] = (
             sum(p.retry.reward > p.base.reward for p in retried) / len(retried) if retried else 0.0
         )
         stats["mean_pivot"] = sum(p.pivot for p in retried) / len(retried) if retried else 0.0
         kinds = [s.kind for g in result.groups for s in g] + [s.kind for s in result.sft]
-        for kind in ("base", "distill", "sft_reflect", "sft_retry"):
+        for kind in ("base", "distill", "retry", "sft_reflect", "sft_retry"):
             stats[f"samples_{kind}"] = float(kinds.count(kind))
         return stats
 
