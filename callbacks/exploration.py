@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.explore.episodes import RolloutContext
-from r3l_lightning.explore.explorers import Explorer, R3LExplorer
 
 
 def rollout_context(datamodule: L.LightningDataModule, pl_module: L.LightningModule, progress=None) -> RolloutContext:
@@ -50,16 +49,14 @@ def reduce_stats(trainer: L.Trainer, stats: dict[str, float]) -> dict[str, float
 
 
 class ExplorationCallback(L.Callback):
-    """Runs ``explorer`` on ``tasks_per_epoch`` training tasks (summed over ranks) every epoch.
+    """At every epoch start, runs the DataModule's explorer on its next ``tasks_per_epoch`` tasks.
 
     Each rank explores its own shard of the tasks with the module's rollout engine, puts the groups
     and SFT samples into the DataModule's buffer, and agrees with the other ranks on the number of
     optimizer steps. Statistics are logged under ``explore/``.
     """
 
-    def __init__(self, explorer: Explorer | None = None, tasks_per_epoch: int = 8, show_progress: bool = True) -> None:
-        self.explorer = explorer if explorer is not None else R3LExplorer()
-        self.tasks_per_epoch = tasks_per_epoch
+    def __init__(self, show_progress: bool = True) -> None:
         self.show_progress = show_progress
         self.last_stats: dict[str, float] = {}
         self._epoch_started = 0.0
@@ -69,12 +66,12 @@ class ExplorationCallback(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule: ExperienceDataModule = trainer.datamodule
-        tasks = datamodule.next_train_tasks(self.tasks_per_epoch, trainer.global_rank, trainer.world_size)
+        tasks = datamodule.next_train_tasks(datamodule.tasks_per_epoch, trainer.global_rank, trainer.world_size)
         bar = tqdm(desc=f"rollouts (epoch {trainer.current_epoch})", unit="seq", leave=False,
                    disable=not (self.show_progress and trainer.is_global_zero))
         start = time.perf_counter()
         try:
-            result = self.explorer.explore(tasks, rollout_context(datamodule, pl_module, bar.update))
+            result = datamodule.explorer.explore(tasks, rollout_context(datamodule, pl_module, bar.update))
         finally:
             bar.close()
         datamodule.buffer.put(result.groups, result.sft)

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from r3l_lightning.envs.base import Environment, Task, TaskSource
+from r3l_lightning.explore.explorers import Explorer, R3LExplorer
 from r3l_lightning.trajectory import TrainingSample
 
 MicroBatch = dict[str, torch.Tensor]
@@ -150,12 +151,15 @@ class ExperienceDataset(IterableDataset):
 
 
 class ExperienceDataModule(L.LightningDataModule):
-    """Task sources + environment + the online exploration-group buffer.
+    """Task sources + environment + explorer + the online exploration-group buffer.
 
     Args:
         environment: the task rules (system prompt, episodes, rewards).
         train_tasks: tasks explored during training, visited in a seeded shuffled order.
         eval_tasks: held-out tasks for evaluation (``None``: no evaluation tasks).
+        explorer: turns tasks into groups + SFT samples (R³L by default; baselines and users' own
+            classes plug in here). ``ExplorationCallback`` runs it every epoch.
+        tasks_per_epoch: tasks explored per epoch, summed over all ranks.
         groups_per_step: exploration groups (tasks) per optimizer step, summed over all ranks.
         max_tokens_per_micro_batch: padded-token budget (rows × longest row) of one forward pass.
         seed: seeds the task order and the per-epoch shuffling of groups.
@@ -166,6 +170,8 @@ class ExperienceDataModule(L.LightningDataModule):
         environment: Environment,
         train_tasks: TaskSource,
         eval_tasks: TaskSource | None = None,
+        explorer: Explorer | None = None,
+        tasks_per_epoch: int = 8,
         groups_per_step: int = 8,
         max_tokens_per_micro_batch: int = 4096,
         seed: int = 0,
@@ -178,6 +184,8 @@ class ExperienceDataModule(L.LightningDataModule):
         self.environment = environment
         self.train_tasks = train_tasks
         self.eval_tasks = eval_tasks
+        self.explorer = explorer if explorer is not None else R3LExplorer()
+        self.tasks_per_epoch = tasks_per_epoch
         self.groups_per_step = groups_per_step
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.seed = seed

