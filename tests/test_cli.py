@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,22 @@ def test_every_method_overlay_trains_one_tiny_epoch(method, tmp_path, monkeypatc
                     "--trainer.enable_checkpointing", "false", "--data.explorer.init_args.group_size", "4"])
     assert cli.trainer.current_epoch == 1
     assert cli.trainer.callbacks[0].last_stats["base_reward_mean"] >= 0.0
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld needs Java")
+def test_short_r3l_run_on_scienceworld_completes_from_its_config(tmp_path, monkeypatch):
+    pytest.importorskip("scienceworld")
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main([
+        "fit", "--config", str(ROOT / "configs" / "scienceworld" / "r3l.yaml"),
+        "--model.model_name_or_path", "tiny-random-smollm2", "--trainer.max_epochs", "1",
+        "--data.tasks_per_epoch", "1", "--data.explorer.init_args.group_size", "2",
+        "--data.explorer.init_args.max_new_tokens", "8", "--data.explorer.init_args.reflection_max_new_tokens", "8",
+        "--data.environment.init_args.max_turns", "3", "--data.eval_tasks.init_args.limit", "1",
+        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks",
+        "[{class_path: r3l_lightning.callbacks.ExplorationCallback},"
+        " {class_path: r3l_lightning.callbacks.EvalCallback, init_args: {max_new_tokens: 8}}]",
+    ])
+    assert cli.trainer.current_epoch == 1
+    stats = cli.trainer.callbacks[0].last_stats
+    assert stats["samples_base"] == 1.0
