@@ -61,6 +61,7 @@ class EvalCallback(L.Callback):
     def run(self, datamodule, pl_module: L.LightningModule, rank: int = 0, world_size: int = 1) -> dict[str, float]:
         """Evaluate this rank's shard of the eval tasks; means are synced across ranks."""
         start = time.perf_counter()
+        pl_module.rollout_engine.sync_weights()  # every rank reaches this point: safe for collectives
         tasks = datamodule.eval_task_list(self.max_tasks)
         if not tasks:
             raise ValueError("evaluation needs data.eval_tasks: set it in the config")

@@ -61,11 +61,9 @@ class ExplorationCallback(L.Callback):
         self.last_stats: dict[str, float] = {}
         self._epoch_started = 0.0
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.rollout_engine.sync_weights()
-
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule: ExperienceDataModule = trainer.datamodule
+        pl_module.rollout_engine.sync_weights()  # every rank reaches this point: safe for collectives
         tasks = datamodule.next_train_tasks(datamodule.tasks_per_epoch, trainer.global_rank, trainer.world_size)
         bar = tqdm(desc=f"rollouts (epoch {trainer.current_epoch})", unit="seq", leave=False,
                    disable=not (self.show_progress and trainer.is_global_zero))

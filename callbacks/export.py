@@ -7,6 +7,17 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from r3l_lightning.models import full_state_dict
+
+
+def without_tied_output(model, state: dict) -> dict:
+    """Drop the output embedding's copy when it is tied to the input embedding (as HF saves it)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return state
+    output = model.get_output_embeddings()
+    names = [name for name, module in model.named_modules() if module is output]
+    return {k: v for k, v in state.items() if not names or k != f"{names[0]}.weight"}
+
 
 class HFExportCallback(L.Callback):
     """Saves policy + tokenizer to ``dirpath`` (default ``<log_dir>/hf_model``) when training ends."""
@@ -16,8 +27,9 @@ class HFExportCallback(L.Callback):
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         target = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf_model")
+        state = full_state_dict(pl_module.policy)  # collective under FSDP2: every rank gathers
         if trainer.is_global_zero:
-            pl_module.policy.save_pretrained(target)
+            pl_module.policy.save_pretrained(target, state_dict=without_tied_output(pl_module.policy, state))
             pl_module.tokenizer.save_pretrained(target)
             rank_zero_info(f"policy exported to {target}")
         trainer.strategy.barrier()

@@ -142,3 +142,28 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     elif extra:
         ids.update(extra)
     return sorted(i for i in ids if i is not None)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks (by HF's ``_no_split_modules``): the units to shard and checkpoint."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} declares no _no_split_modules: cannot find its decoder layers")
+    return layers
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when parameters are FSDP2 DTensor shards."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on every rank. Collective under FSDP2: every rank must call it."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

@@ -11,7 +11,7 @@ import torch
 from r3l_lightning.engines.base import RolloutEngine
 from r3l_lightning.engines.hf import HFEngine
 from r3l_lightning.losses import loss_denominator, policy_loss, sft_loss, token_logprobs
-from r3l_lightning.models import eos_token_ids, load_policy, load_tokenizer
+from r3l_lightning.models import decoder_layers, eos_token_ids, is_sharded, load_policy, load_tokenizer
 from r3l_lightning.trajectory import ChatTokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -77,6 +77,23 @@ class R3LModule(L.LightningModule):
         self.chat = ChatTokenizer(self.tokenizer, eos_token_ids(self.policy, self.tokenizer))
         self.rollout_engine = engine if engine is not None else HFEngine()
         self.rollout_engine.bind(self.policy, self.tokenizer, self.chat.eos_token_ids)
+
+    # ----- sharding ----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` every decoder layer, then the root."""
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.policy):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        if mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("tensor parallelism is not supported: set tensor_parallel_size=1")
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+        for layer in decoder_layers(self.policy):
+            fully_shard(layer, mesh=dp_mesh)
+        fully_shard(self.policy, mesh=dp_mesh)
+        if self.reference is not None:
+            fully_shard(self.reference, mesh=dp_mesh)
 
     # ----- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

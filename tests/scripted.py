@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import random
 from typing import Callable
+
+import lightning as L
+import torch
+import torch.distributed as dist
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
 from r3l_lightning.envs.base import Environment, Episode, StepResult, Task, TaskSource
+from r3l_lightning.explore.explorers import GroupExplorer
 
 
 class ScriptedEngine(RolloutEngine):
@@ -77,3 +83,58 @@ class GuessTasks(TaskSource):
 
     def __getitem__(self, i: int) -> Task:
         return Task(f"guess-{i}", {"rewards": self.rewards})
+
+
+
+class UnevenExplorer(GroupExplorer):
+    """Rank-dependent exploration for multi-process tests: rank r samples ``group_size + 2·r`` episodes
+    per task with ``max_new_tokens + 8·r`` new tokens, so ranks hold different numbers of samples and
+    make different numbers of generation steps. Advantages alternate +1/−1 so that even a random
+    model's zero rewards give a gradient."""
+
+    def explore(self, tasks, ctx):
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        explorer = GroupExplorer(self.group_size + 2 * rank, max_new_tokens=self.sampling.max_new_tokens + 8 * rank,
+                                 seed=self.seed)
+        result = explorer.explore(tasks, ctx)
+        for group in result.groups:
+            for i, sample in enumerate(group):
+                sample.advantage = 1.0 if i % 2 == 0 else -1.0
+        return result
+
+
+class DumpWeights(L.Callback):
+    """Saves every rank's full policy state dict to ``<dirpath>/rank<r>.pt`` when training ends."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer, pl_module):
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.policy.state_dict().items()}
+        torch.save(state, f"{self.dirpath}/rank{trainer.global_rank}.pt")
+
+
+class FixedExplorer(GroupExplorer):
+    """Training data that depends only on the task ids (not on the model), for comparing a multi-process
+    run with a single-process one on the same data. It still generates a rank-dependent number of
+    sequences of rank-dependent lengths, so ranks are out of step while generating."""
+
+    def explore(self, tasks, ctx):
+        from r3l_lightning.explore.explorers import ExplorationResult
+        from r3l_lightning.trajectory import TrainingSample
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        prompts = [[1, 2, 3 + i] for i in range(1 + 2 * rank)]
+        ctx.engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=4 + 6 * rank))
+        result = ExplorationResult()
+        for task in tasks:
+            rng = random.Random(task.task_id)
+            group = []
+            for i in range(2 + int(task.task_id.rsplit("-", 1)[-1]) % 3):
+                length = rng.randint(6, 14)
+                ids = [rng.randint(3, 40000) for _ in range(length)]
+                mask = [0.0] * (length // 2) + [1.0] * (length - length // 2)
+                group.append(TrainingSample(ids, mask, 1.0 if i % 2 == 0 else -0.5, "base", task.task_id))
+            result.groups.append(group)
+        result.stats = {"samples_base": float(sum(len(g) for g in result.groups))}
+        return result

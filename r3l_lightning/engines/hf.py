@@ -3,29 +3,50 @@
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+from r3l_lightning.models import full_state_dict, is_sharded
 
 
 class HFEngine(RolloutEngine):
     """Batched, left-padded ``generate`` on the training policy.
 
     Prompts are processed in chunks of ``max_batch_size`` sequences (prompt × n). Logprobs are the
-    processed scores (after temperature / top-p) of the sampled ids. ``synced_gpus`` keeps sharded
-    (FSDP) ranks in lockstep: every rank runs forward passes until all ranks are done.
+    processed scores (after temperature / top-p) of the sampled ids.
+
+    Sharded (FSDP2) policies: every forward of a sharded model is a collective, but ranks explore
+    different tasks and so make different numbers of generate calls. Instead of keeping every call in
+    lockstep, :meth:`sync_weights` (called by the callbacks at points every rank reaches) gathers the
+    full weights into an unsharded inference copy that generation then uses locally. ``synced_gpus``
+    is HF's lockstep alternative, usable only when every rank makes the same generate calls.
     """
 
-    def __init__(self, max_batch_size: int = 64, synced_gpus: bool | None = None) -> None:
+    def __init__(self, max_batch_size: int = 64, synced_gpus: bool = False) -> None:
         self.max_batch_size = max_batch_size
         self.synced_gpus = synced_gpus
 
+    def bind(self, policy, tokenizer, eos_token_ids) -> None:
+        super().bind(policy, tokenizer, eos_token_ids)
+        self._inference_copy = None
+
+    def sync_weights(self) -> None:
+        """Refresh the unsharded inference copy of a sharded policy (collective; no-op otherwise)."""
+        if not is_sharded(self.policy):
+            self._inference_copy = None
+            return
+        state = full_state_dict(self.policy)
+        if self._inference_copy is None:
+            self._inference_copy = AutoModelForCausalLM.from_config(self.policy.config).eval()
+            self._inference_copy.generation_config = self.policy.generation_config
+        self._inference_copy.load_state_dict(state)
+        self._inference_copy.to(self._device())
+
+    def _model(self):
+        return self._inference_copy if self._inference_copy is not None else self.policy
+
     def _synced(self) -> bool:
-        if self.synced_gpus is not None:
-            return self.synced_gpus
-        return torch.distributed.is_available() and torch.distributed.is_initialized() and (
-            torch.distributed.get_world_size() > 1
-        )
+        return self.synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
@@ -49,7 +70,8 @@ class HFEngine(RolloutEngine):
         return results
 
     def _device(self) -> torch.device:
-        return next(self.policy.parameters()).device
+        param = next(self.policy.parameters())
+        return param.to_local().device if hasattr(param, "to_local") else param.device
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, synced: bool):
         device = self._device()
@@ -75,14 +97,13 @@ class HFEngine(RolloutEngine):
         )
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        was_training = self.policy.training
-        self.policy.eval()
+        model = self._model()
+        was_training = model.training
+        model.eval()
         try:
-            out = self.policy.generate(
-                input_ids=input_ids, attention_mask=attention, generation_config=config, synced_gpus=synced
-            )
+            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config, synced_gpus=synced)
         finally:
-            self.policy.train(was_training)
+            model.train(was_training)
         new_tokens = out.sequences[:, width:]
         steps = len(out.scores)
         logprobs = torch.stack(
