@@ -3,5 +3,6 @@
 from r3l_lightning.callbacks.evaluation import EvalCallback
 from r3l_lightning.callbacks.exploration import ExplorationCallback
 from r3l_lightning.callbacks.export import HFExportCallback
+from r3l_lightning.callbacks.preemption import SigtermCheckpoint
 
-__all__ = ["EvalCallback", "ExplorationCallback", "HFExportCallback"]
+__all__ = ["EvalCallback", "ExplorationCallback", "HFExportCallback", "SigtermCheckpoint"]

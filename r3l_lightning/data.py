@@ -247,8 +247,10 @@ class ExperienceDataModule(L.LightningDataModule):
         return DataLoader(ExperienceDataset(self), batch_size=None, collate_fn=_as_is)
 
     def state_dict(self) -> dict:
-        return {"task_cursor": self.task_cursor, "epoch": self._epoch}
+        """Task-sampler position, shuffling epoch and explorer state (saved in every checkpoint)."""
+        return {"task_cursor": self.task_cursor, "epoch": self._epoch, "explorer": self.explorer.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.task_cursor = state_dict["task_cursor"]
         self._epoch = state_dict["epoch"]
+        self.explorer.load_state_dict(state_dict.get("explorer", {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Literal
 
@@ -94,6 +95,17 @@ class R3LModule(L.LightningModule):
         fully_shard(self.policy, mesh=dp_mesh)
         if self.reference is not None:
             fully_shard(self.reference, mesh=dp_mesh)
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """RNG states, so that a resumed run samples what the uninterrupted run would have."""
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
 
     # ----- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

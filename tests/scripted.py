@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from typing import Callable
 
 import lightning as L
@@ -11,7 +13,7 @@ import torch.distributed as dist
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
 from r3l_lightning.envs.base import Environment, Episode, StepResult, Task, TaskSource
-from r3l_lightning.explore.explorers import GroupExplorer
+from r3l_lightning.explore.explorers import GroupExplorer, R3LExplorer
 
 
 class ScriptedEngine(RolloutEngine):
@@ -138,3 +140,13 @@ class FixedExplorer(GroupExplorer):
             result.groups.append(group)
         result.stats = {"samples_base": float(sum(len(g) for g in result.groups))}
         return result
+
+
+class SignallingExplorer(R3LExplorer):
+    """R³L exploration that sends itself ``$R3L_TEST_SIGNAL`` (KILL or TERM) when its call number equals
+    ``$R3L_TEST_SIGNAL_ON_CALL``: a crash or preemption at a known point of a run."""
+
+    def explore(self, tasks, ctx):
+        if os.environ.get("R3L_TEST_SIGNAL_ON_CALL") == str(self._calls + 1):
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("R3L_TEST_SIGNAL", "KILL")))
+        return super().explore(tasks, ctx)

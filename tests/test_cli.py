@@ -27,7 +27,7 @@ def test_fit_two_epochs_writes_metrics_checkpoint_and_hf_model(tmp_path):
     assert "[eval before training] success_rate=" in proc.stderr + proc.stdout
     assert "[eval after training] success_rate=" in proc.stderr + proc.stdout
     run_dir = tmp_path / "runs" / "smoke"
-    (metrics,) = list(run_dir.glob("logs/version_*/metrics.csv"))
+    (metrics,) = list(run_dir.glob("csv/version_*/metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))
     keys = set(rows[0])
     for key in ("train/loss", "train/rl_loss", "train/sft_loss", "train/entropy", "train/masked_fraction",

@@ -52,6 +52,13 @@ class Explorer(ABC):
     def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
         """Roll out ``tasks`` and return groups of RL samples (one group per task) and SFT samples."""
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly (saved in checkpoints by the DataModule)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
 
 def is_success(reward: float) -> bool:
     return reward >= 1.0
@@ -97,6 +104,12 @@ class GroupExplorer(Explorer):
             make_sample(ctx.chat.tokenize(t.messages), a, t.kind, first_trainable_turn=p, group_id=group_id)
             for t, a, p in zip(trajectories, advantages.tolist(), pivots)
         ]
+
+    def state_dict(self) -> dict:
+        return {"calls": self._calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._calls = state.get("calls", 0)
 
     def _params(self, base: SamplingParams, offset: int = 0) -> SamplingParams:
         """Sampling params with a fresh seed per call (reproducible from ``seed``)."""
