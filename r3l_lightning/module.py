@@ -76,6 +76,7 @@ class R3LModule(L.LightningModule):
         if kl_coef > 0:
             self.reference = load_policy(model_name_or_path, _DTYPES[model_dtype]).eval().requires_grad_(False)
         self.chat = ChatTokenizer(self.tokenizer, eos_token_ids(self.policy, self.tokenizer))
+        self.skipped_steps = 0
         self.rollout_engine = engine if engine is not None else HFEngine()
         self.rollout_engine.bind(self.policy, self.tokenizer, self.chat.eos_token_ids)
 
@@ -197,6 +198,13 @@ class R3LModule(L.LightningModule):
             loss_total += loss.detach()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v
+        if self._any_rank_nonfinite(loss_total):
+            # every rank skips together: the flag is all-reduced, so collectives stay matched
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"train/skipped_nonfinite_steps": float(self.skipped_steps)}, step=self.global_step)
+            return loss_total
         if self.hparams.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -205,6 +213,12 @@ class R3LModule(L.LightningModule):
         self.rollout_engine.on_policy_update(self.global_step)
         self._log_step(batch, loss_total, totals)
         return loss_total
+
+    def _any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        return bool(flag.item() > 0)
 
     def _log_step(self, batch: list[dict], loss: torch.Tensor, totals: dict[str, torch.Tensor]) -> None:
         rl_rows = torch.cat([~mb["is_sft"] & (mb["loss_mask"].sum(1) > 0) for mb in batch])

@@ -150,3 +150,14 @@ class SignallingExplorer(R3LExplorer):
         if os.environ.get("R3L_TEST_SIGNAL_ON_CALL") == str(self._calls + 1):
             os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("R3L_TEST_SIGNAL", "KILL")))
         return super().explore(tasks, ctx)
+
+
+class NaNExplorer(GroupExplorer):
+    """Exploration whose advantages are NaN: every training step's loss is non-finite."""
+
+    def explore(self, tasks, ctx):
+        result = super().explore(tasks, ctx)
+        for group in result.groups:
+            for sample in group:
+                sample.advantage = float("nan")
+        return result

@@ -42,6 +42,10 @@ class HFEngine(RolloutEngine):
         self._inference_copy.load_state_dict(state)
         self._inference_copy.to(self._device())
 
+    def max_context(self) -> int | None:
+        """The policy's position limit (prompt + completion)."""
+        return getattr(self.policy.config, "max_position_embeddings", None)
+
     def _model(self):
         return self._inference_copy if self._inference_copy is not None else self.policy
 

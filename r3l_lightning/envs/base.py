@@ -62,9 +62,14 @@ class Episode(ABC):
 
 
 class Environment(ABC):
-    """A family of tasks with shared rules: system prompt, turn limit, and episodes."""
+    """A family of tasks with shared rules: system prompt, turn limit, and episodes.
+
+    ``step_timeout_s``: a reset or step that takes longer ends its episode with reward 0 (counted);
+    ``None`` waits forever (environments that enforce their own timeout, like ScienceWorld's).
+    """
 
     max_turns: int = 1
+    step_timeout_s: float | None = None
 
     @abstractmethod
     def system_prompt(self) -> str:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 from r3l_lightning.engines.base import RolloutEngine, SamplingParams
 from r3l_lightning.envs.base import Environment, Episode, Task
 from r3l_lightning.trajectory import ChatTokenizer, Message, Trajectory
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,13 +57,35 @@ def start_episode(ctx: RolloutContext, task: Task, counters: RolloutCounters, ki
     trajectory = Trajectory(messages=[Message("system", ctx.env.system_prompt())], kind=kind, task_id=task.task_id)
     state = EpisodeState(task, episode, trajectory)
     try:
-        observation = episode.reset()
+        observation = call_with_timeout(episode.reset, ctx.env.step_timeout_s)
     except Exception as err:  # noqa: BLE001 - an env crash costs one episode, not the run
         _fail(state, counters, f"environment error on reset: {err!r}")
         return state
     trajectory.observations.append(observation)
     trajectory.messages.append(Message("user", observation))
     return state
+
+
+def call_with_timeout(fn: Callable[[], T], timeout_s: float | None) -> T:
+    """``fn()``, or TimeoutError after ``timeout_s`` (the call is abandoned in a daemon thread)."""
+    if timeout_s is None:
+        return fn()
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"environment call exceeded step_timeout_s={timeout_s}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _fail(state: EpisodeState, counters: RolloutCounters, reason: str) -> None:
@@ -119,7 +143,7 @@ def run_episodes(
             state.trajectory.actions.append(message.content)
             state.turns += 1
             try:
-                result = state.episode.step(message.content)
+                result = call_with_timeout(lambda: state.episode.step(message.content), ctx.env.step_timeout_s)
             except Exception as err:  # noqa: BLE001 - an env crash costs one episode, not the run
                 _fail(state, counters, f"environment error on step: {err!r}")
                 continue

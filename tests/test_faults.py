@@ -1,0 +1,76 @@
+"""Faults cost an episode or a step, never the run: hung environments, overlong prompts, NaN losses."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from r3l_lightning.cli import cli_main
+from r3l_lightning.engines.base import SamplingParams
+from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
+from r3l_lightning.models import TINY_RANDOM, load_policy
+from scripted import GuessEnv, GuessTasks, ScriptedEngine
+from test_cli import SMOKE
+
+
+class HangingEnv(GuessEnv):
+    step_timeout_s = 0.3
+
+    def make_episode(self, task):
+        episode = super().make_episode(task)
+        original = episode.step
+
+        def slow_step(action):
+            if action.strip() == "hang":
+                time.sleep(5)
+            return original(action)
+
+        episode.step = slow_step
+        return episode
+
+
+def _run(env, engine, chat, n=2):
+    counters = RolloutCounters()
+    ctx = RolloutContext(env, engine, chat)
+    states = [start_episode(ctx, GuessTasks(1)[0], counters) for _ in range(n)]
+    run_episodes(ctx, states, SamplingParams(), counters)
+    return states, counters
+
+
+def test_a_hung_environment_step_ends_only_that_episode(tiny_chat):
+    answers = iter(["hang", "apple"])
+    engine = ScriptedEngine(lambda p: next(answers), tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    start = time.perf_counter()
+    states, counters = _run(HangingEnv(max_turns=1), engine, tiny_chat)
+    assert time.perf_counter() - start < 3
+    assert [s.trajectory.reward for s in states] == [0.0, 1.0]
+    assert "step_timeout_s" in states[0].trajectory.feedback
+    assert counters.counts["env_errors"] == 1
+
+
+def test_a_prompt_beyond_the_engine_context_ends_the_episode_with_feedback(tiny_chat):
+    class ShortContext(ScriptedEngine):
+        def max_context(self):
+            return 300
+
+    engine = ShortContext(lambda p: "pear " * 10, tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    states, counters = _run(GuessEnv(max_turns=5), engine, tiny_chat, n=1)
+    (state,) = states
+    assert state.done and state.trajectory.reward == 0.0
+    assert "exceeded the model context" in state.trajectory.feedback
+    assert counters.counts["context_overflows"] == 1
+    assert 0 < state.turns < 5
+
+
+def test_non_finite_loss_skips_the_step_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(SMOKE), "--trainer.max_epochs", "1", "--trainer.logger", "false",
+                    "--trainer.enable_checkpointing", "false", "--data.explorer", "scripted.NaNExplorer",
+                    "--data.explorer.init_args.group_size", "2", "--data.explorer.init_args.max_new_tokens", "4",
+                    "--trainer.callbacks", "[{class_path: r3l_lightning.callbacks.ExplorationCallback}]"])
+    assert cli.trainer.current_epoch == 1
+    assert cli.model.skipped_steps == 2  # both steps of the epoch
+    initial = load_policy(TINY_RANDOM).state_dict()
+    trained = cli.model.policy.state_dict()
+    assert all(torch.equal(trained[k], initial[k]) for k in initial)
