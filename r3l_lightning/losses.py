@@ -1,8 +1,11 @@
 """Token logprobs and the policy / SFT losses (spec section 4 and the baselines of section 5).
 
 Losses return a :class:`LossTerms` (numerator, denominator): the batch loss is numerator/denominator,
-and a caller that accumulates gradients over micro-batches sums numerators and divides by the
-denominator of the whole step (see ``R3LModule``).
+and a caller that accumulates gradients over micro-batches sums the numerators and divides by the
+step's denominator, the sum of :func:`loss_denominator` over its micro-batches (see ``R3LModule``).
+
+``loss_mask`` is aligned with ``input_ids`` (mask[t] = 1 iff token t is a target) and may carry
+weights: |τ| and every "mean over trainable tokens" below is weighted by it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,52 @@ AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean")
 
 @dataclass
 class LossTerms:
+    """A loss as ``numerator / denominator``; ``metrics`` are detached scalars."""
+
     numerator: torch.Tensor
     denominator: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _ChunkedLogProb(torch.autograd.Function):
+    """log softmax(rows / T)[target] per row, ``chunk_size`` rows at a time, in (at least) float32.
+
+    Only per-row log-sum-exps are kept for the backward pass, which recomputes the softmax chunk by
+    chunk: neither pass holds a float32 copy of more than one chunk of the vocabulary-sized rows.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, targets, temperature, chunk_size, with_entropy):
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        n = rows.shape[0]
+        logp = rows.new_empty(n, dtype=dtype)
+        lse = rows.new_empty(n, dtype=dtype)
+        entropy = rows.new_empty(n if with_entropy else 0, dtype=dtype)
+        for start in range(0, n, chunk_size):
+            end = start + chunk_size
+            x = rows[start:end].to(dtype) / temperature
+            lse[start:end] = torch.logsumexp(x, dim=-1)
+            logp[start:end] = x.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            if with_entropy:
+                entropy[start:end] = lse[start:end] - (torch.softmax(x, dim=-1) * x).sum(-1)
+        ctx.save_for_backward(rows, targets, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        rows, targets, lse = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        grad_rows = torch.empty_like(rows)
+        for start in range(0, rows.shape[0], chunk_size):
+            end = start + chunk_size
+            g = grad_logp[start:end, None]
+            x = rows[start:end].to(lse.dtype) / temperature
+            d = torch.exp(x - lse[start:end, None]).mul_(-g)  # ∂logp/∂x_j = 1[j = y] − p_j
+            d.scatter_add_(1, targets[start:end, None], g)
+            grad_rows[start:end] = d.div_(temperature)
+        return grad_rows, None, None, None, None
 
 
 def token_logprobs(
@@ -30,29 +76,25 @@ def token_logprobs(
     chunk_size: int = 4096,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`` from ``logits[:, t-1]``; ``out[:, 0] = 0``.
+    """``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`` from ``logits[:, t-1] / temperature``.
 
-    The B·(L−1) rows are processed ``chunk_size`` at a time in float32 as gathered logit − logsumexp,
-    so no full-vocabulary float32 log-softmax of the micro-batch is ever materialised.
+    ``out[:, 0] = 0``. Rows are processed ``chunk_size`` at a time as gathered logit − logsumexp in
+    float32 (float64 for float64 logits), so no full-vocabulary float32 log-softmax of the batch is
+    ever materialised, in the forward or the backward pass. The entropy of the same distributions
+    (same alignment, position 0 = 0, no gradient) is returned when ``with_entropy``.
     """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     batch, length, vocab = logits.shape
-    rows = logits[:, :-1].reshape(-1, vocab)
-    targets = input_ids[:, 1:].reshape(-1)
-    logps, entropies = [], []
-    for start in range(0, rows.shape[0], chunk_size):
-        chunk = rows[start : start + chunk_size].float() / temperature
-        lse = torch.logsumexp(chunk, dim=-1)
-        logps.append(chunk.gather(1, targets[start : start + chunk_size, None]).squeeze(1) - lse)
-        if with_entropy:
-            with torch.no_grad():
-                probs = torch.softmax(chunk, dim=-1)
-                entropies.append(lse - (probs * chunk).sum(-1))
-    zeros = logits.new_zeros((batch, 1), dtype=torch.float32)
-    logp = torch.cat([zeros, torch.cat(logps).view(batch, length - 1)], dim=1) if logps else zeros.expand(batch, length)
-    if not with_entropy:
-        return logp, None
-    ent = torch.cat([zeros, torch.cat(entropies).view(batch, length - 1)], dim=1) if entropies else zeros.expand(batch, length)
-    return logp, ent
+    # Row (b, t) of the flat view predicts input_ids[b, t + 1]; the last position of each row has no
+    # target (dummy 0, its output is dropped and gets no gradient).
+    targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1).reshape(-1)
+    logp, entropy = _ChunkedLogProb.apply(logits.reshape(-1, vocab), targets, temperature, chunk_size, with_entropy)
+
+    def shifted(values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([values.new_zeros(batch, 1), values.view(batch, length)[:, :-1]], dim=1)
+
+    return shifted(logp), shifted(entropy) if with_entropy else None
 
 
 def _check(aggregation: str) -> None:
@@ -61,20 +103,27 @@ def _check(aggregation: str) -> None:
 
 
 def loss_denominator(loss_mask: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
-    """Sequences with ≥ 1 trainable token (``seq-mean-token-mean``) or trainable tokens (``token-mean``)."""
+    """Sequences with ≥ 1 trainable token (``seq-mean-token-mean``) or Σ mask (``token-mean``), float."""
     _check(aggregation)
+    mask = loss_mask.float()
     if aggregation == "token-mean":
-        return loss_mask.sum()
-    return (loss_mask.sum(dim=1) > 0).sum().to(loss_mask.dtype)
+        return mask.sum()
+    return (mask.sum(dim=1) > 0).sum().float()
 
 
-def _aggregate(per_token: torch.Tensor, loss_mask: torch.Tensor, aggregation: Aggregation) -> LossTerms:
-    denominator = loss_denominator(loss_mask, aggregation)
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Detached mean of ``values`` over the trainable tokens (0 when there are none)."""
+    return (torch.where(mask != 0, values * mask, 0.0).sum() / mask.sum().clamp(min=1e-8)).detach()
+
+
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation) -> LossTerms:
+    weighted = torch.where(mask != 0, per_token * mask, 0.0)  # padding never leaks (not even as NaN)
     if aggregation == "token-mean":
-        return LossTerms((per_token * loss_mask).sum(), denominator)
-    lengths = loss_mask.sum(dim=1)
-    per_seq = (per_token * loss_mask).sum(dim=1) / lengths.clamp(min=1e-8)
-    return LossTerms(torch.where(lengths > 0, per_seq, torch.zeros_like(per_seq)).sum(), denominator)
+        numerator = weighted.sum()
+    else:
+        lengths = mask.sum(dim=1)
+        numerator = torch.where(lengths > 0, weighted.sum(dim=1) / lengths.clamp(min=1e-8), 0.0).sum()
+    return LossTerms(numerator, loss_denominator(mask, aggregation))
 
 
 def policy_loss(
@@ -89,46 +138,56 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
 ) -> LossTerms:
-    """Masked policy-gradient loss.
+    """Masked policy-gradient loss of a [B, L] batch with one advantage per sequence.
 
-    Default (R³L): ℓ_t = −Â·log π_t. With ``old_logprobs`` and a clip range: the clipped importance
-    ratio objective, ℓ_t = −min(r·Â, clip(r, 1−clip_low, 1+clip_high)·Â) with the token ratio
-    r_t = exp(log π_t − old_t), or (``ratio_level="sequence"``, GSPO) the length-normalised sequence ratio
-    s = exp(mean_t(log π_t − old_t)). With ``ref_logprobs`` and ``kl_coef > 0``: + kl_coef · k3_t,
-    k3 = exp(ref − log π) − (ref − log π) − 1.
+    Per-token loss ℓ_t:
+
+    - default (R³L): ℓ_t = −Â·log π_t (no ratio, no clip, no KL);
+    - with ``old_logprobs`` and ``clip_low`` and/or ``clip_high`` (a missing side is unbounded):
+      ℓ_t = −min(r·Â, clip(r, 1 − clip_low, 1 + clip_high)·Â) with the token ratio
+      r_t = exp(log π_t − old_t), or for ``ratio_level="sequence"`` (GSPO) the sequence ratio
+      s = exp(mean over its trainable tokens of (log π − old)) for every token of the sequence;
+      ``old_logprobs`` without a clip range is ignored;
+    - with ``ref_logprobs`` and ``kl_coef > 0``: + kl_coef·k3_t, k3 = exp(ref − log π) − (ref − log π) − 1.
+
+    Aggregation ``seq-mean-token-mean``: numerator = Σ over sequences with |τ| > 0 of Σ_t mask·ℓ_t / |τ|,
+    denominator = their count; ``token-mean``: numerator = Σ mask·ℓ_t, denominator = Σ mask.
+    Metrics (detached, means over trainable tokens): ``clip_fraction`` (ratio outside the clip range)
+    and ``ratio_mean`` when the ratio is used, ``kl`` (mean k3) whenever ``ref_logprobs`` is given.
     """
     _check(aggregation)
-    mask = loss_mask.to(torch.float32)
-    adv = advantages.to(torch.float32)[:, None]
+    if ratio_level not in ("token", "sequence"):
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; options: token, sequence")
+    mask = loss_mask.float()
+    trainable = mask != 0
+    adv = advantages.float()[:, None]
     metrics: dict[str, torch.Tensor] = {}
-    clipping = old_logprobs is not None and (clip_low is not None or clip_high is not None)
-    if clipping:
-        low = 1.0 - (clip_low if clip_low is not None else float("inf"))
-        high = 1.0 + (clip_high if clip_high is not None else float("inf"))
-        log_ratio = (logprobs - old_logprobs) * mask
+    if old_logprobs is not None and (clip_low is not None or clip_high is not None):
+        low = 1.0 - clip_low if clip_low is not None else -float("inf")
+        high = 1.0 + clip_high if clip_high is not None else float("inf")
+        log_ratio = torch.where(trainable, logprobs - old_logprobs, 0.0)
         if ratio_level == "sequence":
-            seq = log_ratio.sum(dim=1) / mask.sum(dim=1).clamp(min=1e-8)
+            seq = (log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-8)
             ratio = torch.exp(seq)[:, None].expand_as(logprobs)
         else:
             ratio = torch.exp(log_ratio)
-        clipped = ratio.clamp(low, high)
-        per_token = -torch.minimum(ratio * adv, clipped * adv)
-        trainable = mask.sum().clamp(min=1.0)
-        metrics["clip_fraction"] = (((ratio < low) | (ratio > high)).float() * mask).sum().detach() / trainable
-        metrics["ratio_mean"] = (ratio * mask).sum().detach() / trainable
+        per_token = -torch.minimum(ratio * adv, ratio.clamp(low, high) * adv)
+        metrics["clip_fraction"] = _masked_mean(((ratio < low) | (ratio > high)).float(), mask)
+        metrics["ratio_mean"] = _masked_mean(ratio, mask)
     else:
         per_token = -adv * logprobs
-    if ref_logprobs is not None and kl_coef > 0:
-        delta = (ref_logprobs - logprobs) * mask
+    if ref_logprobs is not None:
+        delta = torch.where(trainable, ref_logprobs - logprobs, 0.0)
         k3 = torch.exp(delta) - delta - 1.0
-        per_token = per_token + kl_coef * k3
-        metrics["kl"] = (k3 * mask).sum().detach() / mask.sum().clamp(min=1.0)
+        metrics["kl"] = _masked_mean(k3, mask)
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * k3
     terms = _aggregate(per_token, mask, aggregation)
     terms.metrics = metrics
     return terms
 
 
 def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> LossTerms:
-    """Mean token negative log-likelihood of the masked targets."""
-    mask = loss_mask.to(torch.float32)
-    return LossTerms(-(logprobs * mask).sum(), mask.sum())
+    """Mean token negative log-likelihood of the targets: Σ −log p·mask / Σ mask."""
+    mask = loss_mask.float()
+    return LossTerms(-torch.where(mask != 0, logprobs * mask, 0.0).sum(), mask.sum())

@@ -1,67 +1,115 @@
-"""Exact group advantages for hand-worked reward groups, every mode and edge case."""
+"""Group advantages against hand-computed values, for every mode and edge case.
+
+Most cases pass ``eps=0`` so the expected values are exact; ``test_eps_is_added_to_the_std`` covers eps.
+"""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from r3l_lightning.advantages import group_advantages
+from r3l_lightning.advantages import MODES, advantage_stats, group_advantages
 
-S3 = math.sqrt(1 / 3)  # unbiased std of [0, 1, 0, 1]
+RL_MODES = ["r3l", "r3l_reference", "grpo", "mean_baseline"]
 
 
-def adv(rewards, mode, alpha=3.0):
-    return group_advantages(rewards, mode=mode, alpha=alpha).tolist()
+def check(rewards, mode, expected, alpha=3.0, eps=0.0):
+    got = group_advantages(rewards, mode=mode, alpha=alpha, eps=eps)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=1e-6)
 
 
 def test_one_success_in_four():
-    # mean .25; unbiased std = sqrt((.75² + 3·.25²)/3) = .5; A = [1.5, -.5, -.5, -.5]
+    # R̄ = .25; σ = sqrt((.75² + 3·.25²)/3) = sqrt(.25) = .5; A = [1.5, -.5, -.5, -.5]
     r = [1.0, 0.0, 0.0, 0.0]
-    assert adv(r, "grpo") == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
-    assert adv(r, "r3l") == pytest.approx([3.0, -0.5, -0.5, -0.5], abs=1e-5)  # R_max → α
-    assert adv(r, "r3l_reference") == pytest.approx([1.0, -0.25, -0.25, -0.25])  # R ≥ 1 → 1; s = R − .25
-    assert adv(r, "mean_baseline") == pytest.approx([0.75, -0.25, -0.25, -0.25])
-    assert adv(r, "none") == [1.0, 0.0, 0.0, 0.0]
+    check(r, "grpo", [1.5, -0.5, -0.5, -0.5])
+    check(r, "r3l", [3.0, -0.5, -0.5, -0.5])  # R = R_max → α; negatives unchanged
+    check(r, "r3l_reference", [1.0, -0.25, -0.25, -0.25])  # R ≥ 1 → 1; s = R − .25 < 0 → s
+    check(r, "mean_baseline", [0.75, -0.25, -0.25, -0.25])
+    check(r, "none", [1.0, 0.0, 0.0, 0.0])
 
 
-def test_partial_rewards_amplify_positive_non_max():
-    # [.2, .5, .5, .9]: mean .525; deviations [-.325, -.025, -.025, .375];
-    # unbiased var = (.105625 + .000625·2 + .140625)/3 = .0825; std = .287228
+def test_positive_below_the_max_is_amplified():
+    # [0, .2, .2, .6, 1]: R̄ = .4; deviations [-.4, -.2, -.2, .2, .6];
+    # σ² = (.16 + .04 + .04 + .04 + .36)/4 = .16 → σ = .4; A = [-1, -.5, -.5, .5, 1.5]
+    r = [0.0, 0.2, 0.2, 0.6, 1.0]
+    check(r, "grpo", [-1.0, -0.5, -0.5, 0.5, 1.5])
+    check(r, "r3l", [-1.0, -0.5, -0.5, 1.5, 3.0])  # A = .5 > 0 → 3·.5; R_max → α
+    check(r, "r3l", [-1.0, -0.5, -0.5, 1.0, 2.0], alpha=2.0)
+    check(r, "r3l_reference", [-0.4, -0.2, -0.2, 0.6, 1.0])  # s = .2 ≥ 0 → 3·.2; R = 1 → 1
+    check(r, "mean_baseline", [-0.4, -0.2, -0.2, 0.2, 0.6])
+    check(r, "none", r)
+
+
+def test_partial_rewards_without_a_success():
+    # [.2, .5, .5, .9]: R̄ = .525; deviations [-.325, -.025, -.025, .375];
+    # σ² = (.105625 + 2·.000625 + .140625)/3 = .0825 → σ = .28722813232690;
+    # A = [-1.13150476371204, -.08703882797785, -.08703882797785, 1.30558241966773]
     r = [0.2, 0.5, 0.5, 0.9]
-    std = math.sqrt(0.0825)
-    grpo = [-0.325 / std, -0.025 / std, -0.025 / std, 0.375 / std]
-    assert adv(r, "grpo") == pytest.approx(grpo, abs=1e-5)
-    assert adv(r, "r3l") == pytest.approx([grpo[0], grpo[1], grpo[2], 3.0], abs=1e-5)
-    # reference: s ≥ 0 → α·s; none reaches 1.0
-    assert adv(r, "r3l_reference") == pytest.approx([-0.325, -0.025, -0.025, 3 * 0.375], abs=1e-6)
-    # a positive A below R_max is multiplied by α: [.2, .6, .7, .9] mean .6, A(.7) > 0
-    r2 = [0.2, 0.6, 0.7, 0.9]
-    std2 = torch.tensor(r2).std().item()
-    assert adv(r2, "r3l")[2] == pytest.approx(3 * 0.1 / std2, abs=1e-4)
+    check(r, "grpo", [-1.1315047637, -0.0870388280, -0.0870388280, 1.3055824197])
+    check(r, "r3l", [-1.1315047637, -0.0870388280, -0.0870388280, 3.0])
+    check(r, "r3l_reference", [-0.325, -0.025, -0.025, 1.125])  # no R ≥ 1: max gets 3·.375
+    check(r, "mean_baseline", [-0.325, -0.025, -0.025, 0.375])
+
+
+def test_reference_caps_successes_at_one_but_amplifies_the_rest():
+    # [.4, .4, .8, 1]: R̄ = .65; s = [-.25, -.25, .15, .35]; σ = .3 → A = [-5/6, -5/6, .5, 7/6]
+    r = [0.4, 0.4, 0.8, 1.0]
+    check(r, "r3l_reference", [-0.25, -0.25, 0.45, 1.0])
+    check(r, "r3l", [-0.8333333333, -0.8333333333, 1.5, 3.0])
 
 
 def test_ties_at_the_max_all_get_alpha():
-    assert adv([0, 1, 0, 1], "r3l") == pytest.approx([-0.5 / S3, 3.0, -0.5 / S3, 3.0], abs=1e-5)
-    assert adv([0, 1, 0, 1], "r3l", alpha=2.0)[1] == 2.0
+    # [0, 1, 0, 1]: R̄ = .5; σ = sqrt(4·.25/3) = .57735026918963; A = ±.86602540378444
+    check([0, 1, 0, 1], "grpo", [-0.8660254038, 0.8660254038, -0.8660254038, 0.8660254038])
+    check([0, 1, 0, 1], "r3l", [-0.8660254038, 3.0, -0.8660254038, 3.0])
+    check([0, 1, 0, 1], "r3l", [-0.8660254038, 2.0, -0.8660254038, 2.0], alpha=2.0)
+    check([0, 1, 0, 1], "r3l_reference", [-0.5, 1.0, -0.5, 1.0])
+    # ties below the max are not special: [0, 0, 1] → R̄ = 1/3, σ = sqrt(1/3), A = [-.57735, -.57735, 1.1547]
+    check([0, 0, 1], "r3l", [-0.5773502692, -0.5773502692, 3.0])
 
 
-@pytest.mark.parametrize("mode", ["r3l", "r3l_reference", "grpo", "mean_baseline"])
+def test_eps_is_added_to_the_std():
+    # default eps = 1e-6: A = [.75, -.25, -.25, -.25]/.500001
+    got = group_advantages([1.0, 0.0, 0.0, 0.0], mode="grpo")
+    torch.testing.assert_close(got, torch.tensor([1.499997000006, -0.499999000002, -0.499999000002, -0.499999000002]))
+    got = group_advantages([1.0, 0.0, 0.0, 0.0])  # r3l: R_max → α exactly, negatives normalised with eps
+    torch.testing.assert_close(got, torch.tensor([3.0, -0.499999000002, -0.499999000002, -0.499999000002]))
+
+
+@pytest.mark.parametrize("mode", RL_MODES)
 def test_no_contrast_means_no_signal(mode):
-    assert adv([1.0, 1.0, 1.0], mode) == [0.0, 0.0, 0.0]  # σ = 0, even for successes
-    assert adv([0.0, 0.0], mode) == [0.0, 0.0]
-    assert adv([0.7], mode) == [0.0]  # singleton: unbiased std undefined
-    assert adv([], mode) == []
+    check([1.0, 1.0, 1.0], mode, [0.0, 0.0, 0.0], eps=1e-6)  # σ = 0, even for successes (also r3l_reference)
+    check([0.3, 0.3], mode, [0.0, 0.0], eps=1e-6)
+    check([1.0], mode, [0.0], eps=1e-6)  # singleton: unbiased std undefined
+    check([0.7], mode, [0.0], eps=1e-6)
+    check([], mode, [], eps=1e-6)
 
 
 def test_none_mode_is_never_zeroed():
-    assert adv([1.0, 1.0], "none") == [1.0, 1.0]
-    assert adv([0.5], "none") == [0.5]
+    check([1.0, 1.0], "none", [1.0, 1.0])
+    check([0.5], "none", [0.5])
+    check([], "none", [])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_is_float32_of_the_same_length(mode):
+    got = group_advantages(torch.tensor([1, 0, 0], dtype=torch.int64), mode=mode)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    assert group_advantages(torch.tensor([0.0, 1.0], dtype=torch.float64), mode=mode).dtype == torch.float32
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match="reward 1"):
+    with pytest.raises(ValueError, match="reward 1 "):
         group_advantages([0.0, float("nan")])
-    with pytest.raises(ValueError, match="valid modes"):
+    with pytest.raises(ValueError, match="reward 2 "):
+        group_advantages([0.0, 1.0, float("inf")], mode="none")
+    with pytest.raises(ValueError, match="valid modes: r3l, r3l_reference, grpo, mean_baseline, none"):
         group_advantages([0.0, 1.0], mode="ppo")
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages([[0.0, 1.0]])
+
+
+def test_advantage_stats():
+    # mean of [3, -.5, -.5, -.5] = 1.5/4 = .375
+    assert advantage_stats(torch.tensor([3.0, -0.5, -0.5, -0.5])) == {"mean": 0.375, "max": 3.0, "min": -0.5}
+    assert advantage_stats(torch.tensor([])) == {"mean": 0.0, "max": 0.0, "min": 0.0}

@@ -110,8 +110,9 @@ def test_evaluate_subcommand_reports_success_rate(tmp_path, monkeypatch, capsys)
     assert "[eval evaluate] success_rate=" in out.out + out.err
 
 
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "methods")
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("methods", "gpu"))
 METHODS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+GPU_OVERLAYS = sorted((ROOT / "configs" / "gpu").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -122,6 +123,15 @@ def test_every_config_and_method_overlay_parses(config, method, capsys):
         cli_main(args + ["--print_config"])
     assert exc.value.code in (None, 0)
     assert "class_path" in yaml.safe_load(capsys.readouterr().out)["data"]["explorer"]
+
+
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS, ids=lambda p: p.stem)
+def test_gpu_overlays_parse_on_top_of_a_task_config(overlay, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(ROOT / "configs" / "countdown" / "r3l.yaml"), "--config", str(overlay),
+                  "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["accelerator"] == "gpu" or "VLLMEngine" in config["model"]["engine"]["class_path"]
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)

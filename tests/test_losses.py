@@ -1,4 +1,4 @@
-"""Loss functions against hand-computed values; chunked logprobs against the naive computation."""
+"""Loss functions against hand-computed values; chunked logprobs against the naive log-softmax."""
 
 from __future__ import annotations
 
@@ -6,107 +6,278 @@ import math
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from r3l_lightning.losses import loss_denominator, policy_loss, sft_loss, token_logprobs
 
+TIGHT = {"rtol": 1e-6, "atol": 1e-6}
+
+
+def scalar(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+# ----- token_logprobs ------------------------------------------------------------------------
+
+
+def test_token_logprobs_by_hand():
+    # vocab 2, logits [0, ln 3] → p = [.25, .75]; at T = 2: p₁ = √3/(1 + √3) = .63397459621556
+    logits = torch.tensor([[[0.0, math.log(3.0)]] * 3])
+    ids = torch.tensor([[1, 1, 0]])
+    logp, ent = token_logprobs(logits, ids, with_entropy=True)
+    # position 0 = 0; ln .75 = -.28768207245178; ln .25 = -1.38629436111989
+    assert_close(logp, torch.tensor([[0.0, -0.2876820725, -1.3862943611]]), **TIGHT)
+    # H = -(.25 ln .25 + .75 ln .75) = .34657359 + .21576155 = .56233514
+    assert_close(ent, torch.tensor([[0.0, 0.5623351446, 0.5623351446]]), **TIGHT)
+    logp_t, _ = token_logprobs(logits, ids, temperature=2.0)
+    assert_close(logp_t[0, 1], scalar(-0.4557463944), **TIGHT)  # ln .63397459621556
+
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_logprobs_equal_naive_log_softmax(chunk_size, temperature):
     torch.manual_seed(0)
-    logits = torch.randn(3, 5, 11, requires_grad=True)
-    ids = torch.randint(0, 11, (3, 5))
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 5))
     logp, ent = token_logprobs(logits, ids, temperature=temperature, chunk_size=chunk_size, with_entropy=True)
-    naive_all = torch.log_softmax(logits[:, :-1] / temperature, -1)
+    naive_all = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
     naive = naive_all.gather(2, ids[:, 1:, None]).squeeze(2)
-    torch.testing.assert_close(logp[:, 1:], naive)
-    assert logp[:, 0].abs().sum() == 0
-    torch.testing.assert_close(ent[:, 1:], -(naive_all.exp() * naive_all).sum(-1))
-    (grad,) = torch.autograd.grad(logp.sum(), logits)
-    (naive_grad,) = torch.autograd.grad(naive.sum(), logits)
-    torch.testing.assert_close(grad, naive_grad)
+    assert logp.dtype == torch.float32 and logp.shape == (2, 5)
+    assert_close(logp[:, 1:], naive)
+    assert torch.equal(logp[:, 0], torch.zeros(2)) and torch.equal(ent[:, 0], torch.zeros(2))
+    assert_close(ent[:, 1:], -(naive_all.exp() * naive_all).sum(-1))
+    assert not ent.requires_grad
+    weights = torch.randn(2, 4)  # an arbitrary upstream gradient
+    (grad,) = torch.autograd.grad((logp[:, 1:] * weights).sum(), logits)
+    (naive_grad,) = torch.autograd.grad((naive * weights).sum(), logits)
+    assert_close(grad, naive_grad)
+    assert torch.equal(grad[:, -1], torch.zeros(2, 11))  # the last position predicts nothing
 
+
+def test_backward_keeps_no_float32_copy_of_the_logits():
+    # bf16 logits: everything saved for backward is the bf16 logits themselves or per-row vectors
+    logits = torch.randn(2, 6, 50).to(torch.bfloat16).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        token_logprobs(logits, torch.randint(0, 50, (2, 6)), chunk_size=4)
+    assert all(t.dtype == torch.bfloat16 or t.numel() <= 2 * 6 for t in saved)
+
+
+def test_logprob_gradient_passes_gradcheck_in_float64():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 4, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, ids, temperature=0.9, chunk_size=2)[0], (logits,))
+
+
+def test_low_precision_logits_give_float32_logprobs():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 4, 9).to(torch.bfloat16).requires_grad_(True)
+    ids = torch.randint(0, 9, (2, 4))
+    logp, _ = token_logprobs(logits, ids, chunk_size=3)
+    naive = torch.log_softmax(logits.float()[:, :-1], dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
+    assert logp.dtype == torch.float32
+    assert_close(logp[:, 1:], naive)
+    logp.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+
+
+def test_logprobs_without_grad_and_of_length_one():
+    logits = torch.randn(2, 1, 5)
+    logp, ent = token_logprobs(logits, torch.zeros(2, 1, dtype=torch.long), with_entropy=True)
+    assert torch.equal(logp, torch.zeros(2, 1)) and torch.equal(ent, torch.zeros(2, 1))
+    with torch.no_grad():
+        logp, ent = token_logprobs(torch.randn(1, 3, 5), torch.tensor([[1, 2, 3]]))
+    assert ent is None and not logp.requires_grad
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logprobs(logits, torch.zeros(2, 1, dtype=torch.long), chunk_size=0)
+
+
+# ----- policy loss: REINFORCE (R³L) ------------------------------------------------------------
 
 LOGP = torch.tensor([[0.0, -1.0, -2.0, -0.5, -1.5], [0.0, -0.2, -0.4, -3.0, -1.0]])
 MASK = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0]])
 ADV = torch.tensor([2.0, -1.0])
 
 
-def test_reinforce_loss_by_hand():
-    # seq 0: -(2)(-1 + -2)/2 = 3;  seq 1: -(-1)(-0.4 - 3 - 1)/3 = -4.4/3
-    seq_mean = policy_loss(LOGP, MASK, ADV)
-    assert seq_mean.numerator.item() == pytest.approx(3.0 - 4.4 / 3)
-    assert seq_mean.denominator.item() == 2
-    # token-mean: (6 - 4.4) / 5 tokens
-    tok = policy_loss(LOGP, MASK, ADV, aggregation="token-mean")
-    assert (tok.numerator / tok.denominator).item() == pytest.approx(1.6 / 5)
+def test_reinforce_loss_by_hand_seq_mean_token_mean():
+    # ℓ = -Â·logp. seq 0: tokens 1, 2 → (2 + 4)/2 = 3; seq 1: tokens 2..4 → (-.4 - 3 - 1)/3 = -1.4666667
+    terms = policy_loss(LOGP, MASK, ADV)
+    assert_close(terms.numerator, scalar(1.5333333333), **TIGHT)
+    assert_close(terms.denominator, scalar(2.0), **TIGHT)
+    assert_close(terms.numerator / terms.denominator, scalar(0.7666666667), **TIGHT)
+    assert terms.metrics == {}
 
 
-def test_masked_tokens_get_no_gradient():
+def test_reinforce_loss_by_hand_token_mean():
+    # (2 + 4 - .4 - 3 - 1) / 5 tokens = 1.6/5
+    terms = policy_loss(LOGP, MASK, ADV, aggregation="token-mean")
+    assert_close(terms.numerator, scalar(1.6), **TIGHT)
+    assert_close(terms.denominator, scalar(5.0), **TIGHT)
+
+
+def test_weighted_mask():
+    # one sequence, weights [1, .5] on ℓ = [2, 4]: (2 + 2)/1.5 for both aggregations
+    mask = torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.0]])
+    for agg, denominator in (("seq-mean-token-mean", 1.0), ("token-mean", 1.5)):
+        terms = policy_loss(LOGP[:1], mask, ADV[:1], aggregation=agg)
+        assert_close(terms.numerator / terms.denominator, scalar(2.6666666667), **TIGHT)
+        assert_close(terms.denominator, scalar(denominator), **TIGHT)
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "grad_row0", "grad_row1"),
+    [
+        # seq-mean: ∂/∂logp of (1/2)·(-Â/|τ|): seq 0 → -(1/2)(2/2) = -.5; seq 1 → (1/2)(1/3) = 1/6
+        ("seq-mean-token-mean", [0.0, -0.5, -0.5, 0.0, 0.0], [0.0, 0.0, 1 / 6, 1 / 6, 1 / 6]),
+        # token-mean: -Â/5 → -.4 and .2
+        ("token-mean", [0.0, -0.4, -0.4, 0.0, 0.0], [0.0, 0.0, 0.2, 0.2, 0.2]),
+    ],
+)
+def test_gradient_by_hand_and_masked_tokens_get_none(aggregation, grad_row0, grad_row1):
     logp = LOGP.clone().requires_grad_(True)
-    terms = policy_loss(logp, MASK, ADV)
+    terms = policy_loss(logp, MASK, ADV, aggregation=aggregation)
     (terms.numerator / terms.denominator).backward()
+    assert_close(logp.grad, torch.tensor([grad_row0, grad_row1]), **TIGHT)
     assert torch.all(logp.grad[MASK == 0] == 0)
-    # d/dlogp of -(1/2)·Â/|τ|: seq 0 → -(1/2)(2/2) = -.5; seq 1 → -(1/2)(-1/3) = 1/6
-    assert logp.grad[0, 1].item() == pytest.approx(-0.5)
-    assert logp.grad[1, 3].item() == pytest.approx(1 / 6)
+
+
+def test_padding_never_leaks_even_when_infinite():
+    logp = LOGP.clone()
+    logp[0, 4] = -float("inf")  # masked position
+    logp.requires_grad_(True)
+    terms = policy_loss(logp, MASK, ADV)
+    assert_close(terms.numerator, scalar(1.5333333333), **TIGHT)
+    terms.numerator.backward()
+    assert logp.grad[0, 4] == 0
 
 
 def test_micro_batch_numerators_sum_to_the_whole_batch():
-    for agg in ("seq-mean-token-mean", "token-mean"):
-        whole = policy_loss(LOGP, MASK, ADV, aggregation=agg)
-        parts = [policy_loss(LOGP[i : i + 1], MASK[i : i + 1], ADV[i : i + 1], aggregation=agg) for i in range(2)]
-        num = sum(p.numerator for p in parts)
-        den = sum(loss_denominator(MASK[i : i + 1], agg) for i in range(2))
-        assert (num / den).item() == pytest.approx((whole.numerator / whole.denominator).item())
+    # a third row with no trainable token counts neither as a sequence nor as tokens
+    logp = torch.cat([LOGP, torch.tensor([[0.0, -0.7, -0.1, -0.2, -0.3]])]).requires_grad_(True)
+    mask = torch.cat([MASK, torch.zeros(1, 5)])
+    adv = torch.cat([ADV, torch.tensor([5.0])])
+    for agg, expected in (("seq-mean-token-mean", 0.7666666667), ("token-mean", 0.32)):
+        whole = policy_loss(logp, mask, adv, aggregation=agg)
+        assert_close(whole.numerator / whole.denominator, scalar(expected), **TIGHT)
+        (whole_grad,) = torch.autograd.grad(whole.numerator / whole.denominator, logp)
+        parts = [slice(0, 1), slice(1, 3)]
+        denominator = sum(loss_denominator(mask[p], agg) for p in parts)
+        numerator = sum(policy_loss(logp[p], mask[p], adv[p], aggregation=agg).numerator for p in parts)
+        assert_close(numerator / denominator, scalar(expected), **TIGHT)
+        (parts_grad,) = torch.autograd.grad(numerator / denominator, logp)
+        assert_close(parts_grad, whole_grad, **TIGHT)
 
 
-def test_clipped_token_ratio_by_hand():
-    logp = torch.tensor([[0.0, math.log(1.5), math.log(0.5)]])
-    old = torch.zeros(1, 3)
-    mask = torch.tensor([[0.0, 1.0, 1.0]])
-    # A = +1: token 1 ratio 1.5 clipped to 1.2 → -1.2; token 2 ratio .5 → min(.5, .8) = .5 → -.5
-    pos = policy_loss(logp, mask, torch.tensor([1.0]), old_logprobs=old, clip_low=0.2, clip_high=0.2)
-    assert pos.numerator.item() == pytest.approx((-1.2 - 0.5) / 2)
-    assert pos.metrics["clip_fraction"].item() == pytest.approx(1.0)
-    # A = -1: token 1: min(-1.5, -1.2) = -1.5 → 1.5; token 2: min(-.5, -.8) = -.8 → .8
-    neg = policy_loss(logp, mask, torch.tensor([-1.0]), old_logprobs=old, clip_low=0.2, clip_high=0.28)
-    assert neg.numerator.item() == pytest.approx((1.5 + 0.8) / 2)
+def test_loss_denominator():
+    mask = torch.cat([MASK, torch.zeros(1, 5)])
+    assert_close(loss_denominator(mask, "seq-mean-token-mean"), scalar(2.0))
+    assert_close(loss_denominator(mask, "token-mean"), scalar(5.0))
+    with pytest.raises(ValueError, match="options: seq-mean-token-mean, token-mean"):
+        loss_denominator(mask, "sum")
+
+
+# ----- policy loss: clipped ratio, GSPO, KL ------------------------------------------------------
+
+RATIO_LOGP = torch.tensor([[0.0, math.log(1.5), math.log(0.5), math.log(1.1)]])
+RATIO_MASK = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+
+
+def test_clipped_token_ratio_by_hand_positive_advantage():
+    # ratios [1.5, .5, 1.1], Â = 1, clip [.8, 1.28] (DAPO clip-higher):
+    # min(r, clip(r)) = [1.28, .5, 1.1] → ℓ = [-1.28, -.5, -1.1] → mean -2.88/3 = -.96
+    logp = RATIO_LOGP.clone().requires_grad_(True)
+    terms = policy_loss(logp, RATIO_MASK, torch.tensor([1.0]), old_logprobs=torch.zeros(1, 4),
+                        clip_low=0.2, clip_high=0.28)
+    assert_close(terms.numerator, scalar(-0.96), **TIGHT)
+    assert_close(terms.metrics["clip_fraction"], scalar(2 / 3), **TIGHT)  # 1.5 and .5 are outside
+    assert_close(terms.metrics["ratio_mean"], scalar(3.1 / 3), **TIGHT)
+    assert not terms.metrics["ratio_mean"].requires_grad
+    terms.numerator.backward()
+    # clipped token: no gradient; others: ∂(-r·Â)/∂logp /3 = -r/3 → [-.5/3, -1.1/3]
+    assert_close(logp.grad, torch.tensor([[0.0, 0.0, -0.1666666667, -0.3666666667]]), **TIGHT)
+
+
+def test_clipped_token_ratio_by_hand_negative_advantage():
+    # Â = -1: min(-r, -clip(r)) = [-1.5, -.8, -1.1] → ℓ = [1.5, .8, 1.1] → 3.4/3
+    terms = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([-1.0]), old_logprobs=torch.zeros(1, 4),
+                        clip_low=0.2, clip_high=0.2, aggregation="token-mean")
+    assert_close(terms.numerator, scalar(3.4), **TIGHT)
+    assert_close(terms.denominator, scalar(3.0), **TIGHT)
+    # only an upper bound: r = .5 is not clipped from below → ℓ = [-1.2, -.5, -1.1] for Â = 1
+    upper = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([1.0]), old_logprobs=torch.zeros(1, 4), clip_high=0.2)
+    assert_close(upper.numerator, scalar(-2.8 / 3), **TIGHT)
+
+
+def test_old_logprobs_without_a_clip_range_are_ignored():
+    plain = policy_loss(LOGP, MASK, ADV)
+    with_old = policy_loss(LOGP, MASK, ADV, old_logprobs=torch.zeros(2, 5))
+    assert_close(with_old.numerator, plain.numerator, **TIGHT)
 
 
 def test_sequence_ratio_gspo_by_hand():
-    logp = torch.tensor([[0.0, 0.1, 0.3]], requires_grad=True)
-    old = torch.zeros(1, 3)
-    mask = torch.tensor([[0.0, 1.0, 1.0]])
-    # s = exp(mean(.1, .3)) = exp(.2) = 1.2214; A = 1: clip to 1 + 4e-4 → loss per token -1.0004
-    terms = policy_loss(logp, mask, torch.tensor([1.0]), old_logprobs=old, clip_low=3e-4, clip_high=4e-4,
-                        ratio_level="sequence")
-    assert terms.numerator.item() == pytest.approx(-1.0004)
-    # inside the clip range the gradient flows through s: s = exp(.0001) for A = -1
-    small = torch.tensor([[0.0, 0.0001, 0.0001]], requires_grad=True)
-    t2 = policy_loss(small, mask, torch.tensor([-1.0]), old_logprobs=old, clip_low=3e-4, clip_high=4e-4,
-                     ratio_level="sequence")
-    assert t2.numerator.item() == pytest.approx(math.exp(0.0001))
-    t2.numerator.backward()
-    assert small.grad[0, 1].item() == pytest.approx(math.exp(0.0001) / 2)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    old = torch.zeros(1, 4)
+    gspo = {"old_logprobs": old, "clip_low": 3e-4, "clip_high": 4e-4, "ratio_level": "sequence"}
+    # s = exp(mean(.1, .3)) = exp(.2) = 1.22140275816017 (the masked 9.0 is ignored)
+    logp = torch.tensor([[0.0, 0.1, 0.3, 9.0]], requires_grad=True)
+    # Â = 1: clip(s) = 1.0004 < s → ℓ = -1.0004 on every token, no gradient
+    terms = policy_loss(logp, mask, torch.tensor([1.0]), **gspo)
+    assert_close(terms.numerator, scalar(-1.0004), **TIGHT)
+    assert_close(terms.metrics["clip_fraction"], scalar(1.0), **TIGHT)
+    assert_close(terms.metrics["ratio_mean"], scalar(1.2214027582), **TIGHT)
+    terms.numerator.backward()
+    assert torch.equal(logp.grad, torch.zeros(1, 4))
+    # Â = -1: min(-s, -1.0004) = -s → ℓ = s, gradient through s: ∂s/∂logp_t = s/|τ| = .61070137908
+    logp.grad = None
+    terms = policy_loss(logp, mask, torch.tensor([-1.0]), **gspo)
+    assert_close(terms.numerator, scalar(1.2214027582), **TIGHT)
+    terms.numerator.backward()
+    assert_close(logp.grad, torch.tensor([[0.0, 0.6107013791, 0.6107013791, 0.0]]), **TIGHT)
+
+
+def test_sequence_ratio_is_per_sequence():
+    # row 0: s = exp(mean(ln 2, 0)) = √2 = 1.41421356; row 1: s = exp(ln .5) = .5; Â = [1, 1], clip [.8, 1.2]
+    # row 0 → -min(√2, 1.2) = -1.2; row 1 → -min(.5, .8) = -.5; seq-mean numerator = -1.7
+    logp = torch.tensor([[0.0, math.log(2.0), 0.0], [0.0, 0.0, math.log(0.5)]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    terms = policy_loss(logp, mask, torch.tensor([1.0, 1.0]), old_logprobs=torch.zeros(2, 3), clip_low=0.2,
+                        clip_high=0.2, ratio_level="sequence")
+    assert_close(terms.numerator, scalar(-1.7), **TIGHT)
+    # ratio_mean over the 3 trainable tokens: (2·√2 + .5)/3
+    assert_close(terms.metrics["ratio_mean"], scalar(1.1094757082), **TIGHT)
 
 
 def test_k3_kl_by_hand():
-    logp = torch.tensor([[0.0, -1.0, -2.0]])
+    logp = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
     ref = torch.tensor([[0.0, -1.5, -1.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0]])
-    # δ = ref - logp = [-.5, 1]; k3 = e^δ - δ - 1 = [.106531, .718282]
-    k3 = [math.exp(-0.5) + 0.5 - 1, math.e - 2]
-    terms = policy_loss(logp, mask, torch.tensor([0.0]), ref_logprobs=ref, kl_coef=0.1, aggregation="token-mean")
-    assert terms.numerator.item() == pytest.approx(0.1 * sum(k3))
-    assert terms.metrics["kl"].item() == pytest.approx(sum(k3) / 2)
+    # δ = ref - logp = [-.5, 1]; k3 = e^δ - δ - 1 = [.10653065971263, .71828182845905]
+    terms = policy_loss(logp, mask, torch.tensor([0.0]), aggregation="token-mean", ref_logprobs=ref, kl_coef=0.1)
+    assert_close(terms.numerator, scalar(0.0824812488), **TIGHT)  # .1·(.10653066 + .71828183)
+    assert_close(terms.metrics["kl"], scalar(0.4124062441), **TIGHT)
+    (terms.numerator / terms.denominator).backward()
+    # ∂k3/∂logp = 1 - e^δ = [.39346934, -1.71828183]; ·.1/2
+    assert_close(logp.grad, torch.tensor([[0.0, 0.0196734670, -0.0859140914]]), **TIGHT)
+    # with Â = 1 and seq-mean: ℓ = -logp + .1·k3 = [1.01065307, 2.07182818] → mean 1.54124062
+    both = policy_loss(logp, mask, torch.tensor([1.0]), ref_logprobs=ref, kl_coef=0.1)
+    assert_close(both.numerator, scalar(1.5412406244), **TIGHT)
+    # kl_coef = 0: the KL is reported but not added
+    monitor = policy_loss(logp, mask, torch.tensor([1.0]), ref_logprobs=ref)
+    assert_close(monitor.numerator, scalar(1.5), **TIGHT)
+    assert_close(monitor.metrics["kl"], scalar(0.4124062441), **TIGHT)
 
 
 def test_sft_loss_is_mean_token_nll():
+    # targets: 1, 2 (row 0) and .4, 3, 1 (row 1) → 7.4 / 5
     terms = sft_loss(LOGP, MASK)
-    assert (terms.numerator / terms.denominator).item() == pytest.approx((1 + 2 + 0.4 + 3 + 1) / 5)
+    assert_close(terms.numerator, scalar(7.4), **TIGHT)
+    assert_close(terms.denominator, scalar(5.0), **TIGHT)
+    assert_close(terms.numerator / terms.denominator, scalar(1.48), **TIGHT)
 
 
-def test_unknown_aggregation_is_named():
-    with pytest.raises(ValueError, match="token-mean"):
+def test_unknown_options_are_named():
+    with pytest.raises(ValueError, match="options: seq-mean-token-mean, token-mean"):
         policy_loss(LOGP, MASK, ADV, aggregation="sum")
+    with pytest.raises(ValueError, match="options: token, sequence"):
+        policy_loss(LOGP, MASK, ADV, old_logprobs=LOGP, clip_low=0.2, ratio_level="turn")
