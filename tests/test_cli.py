@@ -144,16 +144,23 @@ def test_every_method_overlay_trains_one_tiny_epoch(method, tmp_path, monkeypatc
     assert cli.trainer.callbacks[0].last_stats["base_reward_mean"] >= 0.0
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld needs Java")
-def test_short_r3l_run_on_scienceworld_completes_from_its_config(tmp_path, monkeypatch):
-    pytest.importorskip("scienceworld")
+AGENT_TASKS = [
+    pytest.param("scienceworld", "scienceworld", "--data.eval_tasks.init_args.limit", marks=pytest.mark.skipif(
+        shutil.which("java") is None, reason="ScienceWorld needs Java"), id="scienceworld"),
+    pytest.param("alfworld", "alfworld", "--data.eval_tasks.init_args.num_games", id="alfworld"),
+]
+
+
+@pytest.mark.parametrize("task, package, eval_size_flag", AGENT_TASKS)
+def test_short_r3l_run_on_an_agentic_task_completes_from_its_config(task, package, eval_size_flag, tmp_path, monkeypatch):
+    pytest.importorskip(package)
     monkeypatch.chdir(tmp_path)
     cli = cli_main([
-        "fit", "--config", str(ROOT / "configs" / "scienceworld" / "r3l.yaml"),
+        "fit", "--config", str(ROOT / "configs" / task / "r3l.yaml"),
         "--model.model_name_or_path", "tiny-random-smollm2", "--trainer.max_epochs", "1",
         "--data.tasks_per_epoch", "1", "--data.explorer.init_args.group_size", "2",
         "--data.explorer.init_args.max_new_tokens", "8", "--data.explorer.init_args.reflection_max_new_tokens", "8",
-        "--data.environment.init_args.max_turns", "3", "--data.eval_tasks.init_args.limit", "1",
+        "--data.environment.init_args.max_turns", "3", eval_size_flag, "1",
         "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks",
         "[{class_path: r3l_lightning.callbacks.ExplorationCallback},"
         " {class_path: r3l_lightning.callbacks.EvalCallback, init_args: {max_new_tokens: 8}}]",

@@ -1,0 +1,151 @@
+"""Rollout throughput: the same Countdown prompts through HFEngine and VLLMEngine, side by side.
+
+    python benchmarks/rollout_throughput.py [--model smollm2-135m-instruct] [--prompts 8] [--n 8] [--tokens 128]
+
+Every sequence generates exactly ``--tokens`` tokens (no end-of-turn id is passed to the engines), so
+the engines do the same work. Prints generated tokens/s of each engine and their ratio, vLLM's
+start-up and weight-sync time, vLLM bf16 vs fp32 (``--bf16-tokens`` > 0, a shorter run: bf16 has
+no native support on AVX2 CPUs), and this machine's decode limit measured in the same run: the plain
+``torch.matmul`` FLOP rate at the decode shapes (batch = prompts × n rows through every linear layer
+of the model, lm_head included) divided by 2 × parameters per token. The last line is
+``rollout_fraction_of_limit=<best engine tokens/s ÷ limit>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from r3l_lightning.engines.base import RolloutEngine, SamplingParams
+from r3l_lightning.engines.hf import HFEngine
+from r3l_lightning.models import eos_token_ids, load_policy, load_tokenizer
+
+INLINE_TASKS = [
+    ([3, 7, 12], 29), ([4, 9, 25], 61), ([2, 8, 15], 31), ([6, 5, 40], 70),
+    ([10, 3, 7, 2], 44), ([12, 4, 9], 57), ([5, 11, 20], 75), ([8, 6, 3, 1], 51),
+]
+
+
+def countdown_prompts(tokenizer, eos: list[int], count: int) -> list[list[int]]:
+    """Countdown prompts through the project's environment when it is there, else an inline set."""
+    try:
+        from r3l_lightning.envs.countdown import CountdownEnv, CountdownTasks
+        from r3l_lightning.trajectory import ChatTokenizer, Message
+
+        env, tasks, chat = CountdownEnv(), CountdownTasks(size=count, seed=123), ChatTokenizer(tokenizer, eos)
+        return [chat.prompt_ids([Message("system", env.system_prompt()),
+                                 Message("user", env.make_episode(tasks[i]).reset())]) for i in range(count)]
+    except ImportError:
+        prompts = []
+        for i in range(count):
+            numbers, target = INLINE_TASKS[i % len(INLINE_TASKS)]
+            text = (f"Using the numbers {numbers}, write an equation that equals {target}. Use each number "
+                    "once with + - * /. Put the equation in <answer></answer>.")
+            prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                         add_generation_prompt=True, tokenize=True,
+                                                         return_dict=False))
+        return prompts
+
+
+def timed_generate(engine: RolloutEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int]:
+    engine.generate(prompts[:1], SamplingParams(params.temperature, params.top_p, 4, 1, 0))  # warm-up
+    start = time.perf_counter()
+    out = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(c.token_ids) for o in out for c in o)
+    return generated / elapsed, generated
+
+
+def decode_limit(policy: torch.nn.Module, rows: int, repeats: int = 5) -> float:
+    """Tokens/s if every decode step ran all of the model's linear layers at the measured matmul rate."""
+    shapes = [(m.in_features, m.out_features) for m in policy.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [torch.randn(i, o) for i, o in shapes]
+    inputs = [torch.randn(rows, i) for i, _ in shapes]
+    flops = sum(2 * rows * i * o for i, o in shapes)
+    for x, w in zip(inputs, weights):  # warm-up
+        torch.matmul(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for x, w in zip(inputs, weights):
+            torch.matmul(x, w)
+        best = min(best, time.perf_counter() - start)
+    flop_rate = flops / best
+    params_per_token = sum(p.numel() for p in policy.parameters())
+    print(f"matmul rate at decode shapes ({rows} rows, fp32, {torch.get_num_threads()} threads): "
+          f"{flop_rate / 1e9:.1f} GFLOP/s; 2 x {params_per_token / 1e6:.1f} M params per token")
+    return flop_rate / (2 * params_per_token)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--bf16-tokens", type=int, default=8, help="vLLM bf16 run length (0: skip)")
+    parser.add_argument("--skip-vllm", action="store_true")
+    args = parser.parse_args()
+    print(f"load average: {os.getloadavg()}; cpus: {os.cpu_count()}; torch threads: {torch.get_num_threads()}")
+
+    tokenizer, policy = load_tokenizer(args.model), load_policy(args.model)
+    policy.eval()
+    prompts = countdown_prompts(tokenizer, eos_token_ids(policy, tokenizer), args.prompts)
+    print(f"{len(prompts)} prompts, {sum(map(len, prompts)) / len(prompts):.0f} tokens on average, n={args.n}, "
+          f"{args.tokens} new tokens each")
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.tokens, n=args.n, seed=0)
+    # no end-of-turn id: every sequence runs to max_new_tokens (HF gets an id it cannot sample; vLLM
+    # rejects out-of-vocabulary stop ids, so it gets none)
+    never = [len(tokenizer) + 1]
+
+    rates: dict[str, float] = {}
+    hf = HFEngine(max_batch_size=args.prompts * args.n)
+    hf.bind(policy, tokenizer, never)
+    rates["hf"], generated = timed_generate(hf, prompts, params)
+    print(f"hf   fp32: {rates['hf']:.1f} tokens/s ({generated} tokens)")
+
+    if not args.skip_vllm:
+        try:
+            from r3l_lightning.engines.vllm import VLLMEngine
+
+            engine = VLLMEngine(kv_cache_gib=2, max_model_len=2048)
+            engine.bind(policy, tokenizer, [])
+            start = time.perf_counter()
+            engine.generate(prompts[:1], SamplingParams(1.0, 1.0, 1, 1, 0))  # creates the engine (+ first sync)
+            print(f"vllm start-up (incl. first sync): {time.perf_counter() - start:.1f} s")
+            rates["vllm"], generated = timed_generate(engine, prompts, params)
+            print(f"vllm fp32: {rates['vllm']:.1f} tokens/s ({generated} tokens)")
+            syncs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                engine.sync_weights()
+                syncs.append(time.perf_counter() - start)
+            print(f"vllm weight sync ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f} M params, in-process "
+                  f"stream): best {min(syncs):.2f} s of {len(syncs)}")
+            print(f"vllm/hf ratio: {rates['vllm'] / rates['hf']:.2f}")
+            if args.bf16_tokens > 0:
+                short = SamplingParams(1.0, 1.0, args.bf16_tokens, args.n, 0)
+                fp32_short, _ = timed_generate(engine, prompts, short)
+                engine.close()
+                bf16 = VLLMEngine(kv_cache_gib=2, max_model_len=2048, dtype="bfloat16")
+                bf16.bind(policy, tokenizer, [])
+                bf16_short, _ = timed_generate(bf16, prompts, short)
+                bf16.close()
+                print(f"vllm {args.bf16_tokens}-token run: fp32 {fp32_short:.1f} tokens/s, bf16 {bf16_short:.1f} "
+                      f"tokens/s (bf16/fp32 {bf16_short / fp32_short:.2f})")
+            engine.close()
+        except ImportError as err:
+            print(f"vllm: skipped ({err})")
+
+    limit = decode_limit(policy, args.prompts * args.n)
+    print(f"decode limit: {limit:.1f} tokens/s")
+    best = max(rates, key=rates.get)
+    print(f"best engine: {best}; load average after: {os.getloadavg()}")
+    print(f"rollout_fraction_of_limit={rates[best] / limit:.3f}")
+
+
+if __name__ == "__main__":
+    main()

