@@ -285,11 +285,15 @@ class R3LExplorer(GroupExplorer):
         for pair, state in attempts:  # keep the best retry of each pair (first on ties)
             if pair.retry is None or state.trajectory.reward > pair.retry.reward:
                 pair.retry = state.trajectory
-                pair.pivot = 0 if self.retry_from_scratch else pair.reflection.retry_from_step
+                pair.pivot = self._pivot(pair)
+
+    def _pivot(self, pair: _Pair) -> int:
+        """The turn a retry starts from: the reflection's pivot, or 0 when retrying from scratch."""
+        return 0 if self.retry_from_scratch else pair.reflection.retry_from_step
 
     def _restore(self, pair: _Pair, ctx: RolloutContext, counters: RolloutCounters) -> EpisodeState | None:
         """A new episode restored to the pivot turn, with guidance inserted; None on replay mismatch."""
-        k = 0 if self.retry_from_scratch else pair.reflection.retry_from_step
+        k = self._pivot(pair)
         base = pair.base
         state = start_episode(ctx, pair.task, counters, kind="sft_retry")
         if state.done:
