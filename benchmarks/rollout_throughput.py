@@ -1,6 +1,7 @@
 """Rollout throughput: the same Countdown prompts through HFEngine and VLLMEngine, side by side.
 
     python benchmarks/rollout_throughput.py [--model smollm2-135m-instruct] [--prompts 8] [--n 8] [--tokens 128]
+    python benchmarks/rollout_throughput.py --device cuda --dtype bfloat16 [--skip-vllm]   # on a GPU
 
 Every sequence generates exactly ``--tokens`` tokens (no end-of-turn id is passed to the engines), so
 the engines do the same work. Prints generated tokens/s of each engine and their ratio, vLLM's
@@ -21,33 +22,15 @@ import torch
 
 from r3l_lightning.engines.base import RolloutEngine, SamplingParams
 from r3l_lightning.engines.hf import HFEngine
+from r3l_lightning.envs.countdown import CountdownEnv, CountdownTasks
 from r3l_lightning.models import eos_token_ids, load_policy, load_tokenizer
-
-INLINE_TASKS = [
-    ([3, 7, 12], 29), ([4, 9, 25], 61), ([2, 8, 15], 31), ([6, 5, 40], 70),
-    ([10, 3, 7, 2], 44), ([12, 4, 9], 57), ([5, 11, 20], 75), ([8, 6, 3, 1], 51),
-]
-
+from r3l_lightning.trajectory import ChatTokenizer, Message
 
 def countdown_prompts(tokenizer, eos: list[int], count: int) -> list[list[int]]:
-    """Countdown prompts through the project's environment when it is there, else an inline set."""
-    try:
-        from r3l_lightning.envs.countdown import CountdownEnv, CountdownTasks
-        from r3l_lightning.trajectory import ChatTokenizer, Message
-
-        env, tasks, chat = CountdownEnv(), CountdownTasks(size=count, seed=123), ChatTokenizer(tokenizer, eos)
-        return [chat.prompt_ids([Message("system", env.system_prompt()),
-                                 Message("user", env.make_episode(tasks[i]).reset())]) for i in range(count)]
-    except ImportError:
-        prompts = []
-        for i in range(count):
-            numbers, target = INLINE_TASKS[i % len(INLINE_TASKS)]
-            text = (f"Using the numbers {numbers}, write an equation that equals {target}. Use each number "
-                    "once with + - * /. Put the equation in <answer></answer>.")
-            prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                         add_generation_prompt=True, tokenize=True,
-                                                         return_dict=False))
-        return prompts
+    """The first ``count`` Countdown prompts (system + first observation) of a seeded task set."""
+    env, tasks, chat = CountdownEnv(), CountdownTasks(size=count, seed=123), ChatTokenizer(tokenizer, eos)
+    return [chat.prompt_ids([Message("system", env.system_prompt()),
+                             Message("user", env.make_episode(tasks[i]).reset())]) for i in range(count)]
 
 
 def timed_generate(engine: RolloutEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int]:
@@ -60,22 +43,27 @@ def timed_generate(engine: RolloutEngine, prompts: list[list[int]], params: Samp
 
 
 def decode_limit(policy: torch.nn.Module, rows: int, repeats: int = 5) -> float:
-    """Tokens/s if every decode step ran all of the model's linear layers at the measured matmul rate."""
+    """Tokens/s if every decode step ran all of the model's linear layers at the measured matmul rate
+    (on the policy's device and dtype)."""
+    device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
     shapes = [(m.in_features, m.out_features) for m in policy.modules() if isinstance(m, torch.nn.Linear)]
-    weights = [torch.randn(i, o) for i, o in shapes]
-    inputs = [torch.randn(rows, i) for i, _ in shapes]
+    weights = [torch.randn(i, o, device=device, dtype=dtype) for i, o in shapes]
+    inputs = [torch.randn(rows, i, device=device, dtype=dtype) for i, _ in shapes]
     flops = sum(2 * rows * i * o for i, o in shapes)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for x, w in zip(inputs, weights):  # warm-up
         torch.matmul(x, w)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         for x, w in zip(inputs, weights):
             torch.matmul(x, w)
+        sync()
         best = min(best, time.perf_counter() - start)
     flop_rate = flops / best
     params_per_token = sum(p.numel() for p in policy.parameters())
-    print(f"matmul rate at decode shapes ({rows} rows, fp32, {torch.get_num_threads()} threads): "
+    print(f"matmul rate at decode shapes ({rows} rows, {dtype}, {device}, {torch.get_num_threads()} threads): "
           f"{flop_rate / 1e9:.1f} GFLOP/s; 2 x {params_per_token / 1e6:.1f} M params per token")
     return flop_rate / (2 * params_per_token)
 
@@ -88,11 +76,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--bf16-tokens", type=int, default=8, help="vLLM bf16 run length (0: skip)")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (HF engine and the decode limit)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="HF policy dtype")
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()}; cpus: {os.cpu_count()}; torch threads: {torch.get_num_threads()}")
 
-    tokenizer, policy = load_tokenizer(args.model), load_policy(args.model)
-    policy.eval()
+    tokenizer, policy = load_tokenizer(args.model), load_policy(args.model, getattr(torch, args.dtype))
+    policy.to(args.device).eval()
     prompts = countdown_prompts(tokenizer, eos_token_ids(policy, tokenizer), args.prompts)
     print(f"{len(prompts)} prompts, {sum(map(len, prompts)) / len(prompts):.0f} tokens on average, n={args.n}, "
           f"{args.tokens} new tokens each")
@@ -105,7 +95,7 @@ def main() -> None:
     hf = HFEngine(max_batch_size=args.prompts * args.n)
     hf.bind(policy, tokenizer, never)
     rates["hf"], generated = timed_generate(hf, prompts, params)
-    print(f"hf   fp32: {rates['hf']:.1f} tokens/s ({generated} tokens)")
+    print(f"hf   {args.dtype} on {args.device}: {rates['hf']:.1f} tokens/s ({generated} tokens)")
 
     if not args.skip_vllm:
         try:

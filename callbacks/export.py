@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from r3l_lightning.models import full_state_dict
+from r3l_lightning.models import full_state_dict, unwrap
 
 
 def without_tied_output(model, state: dict) -> dict:
@@ -27,9 +27,10 @@ class HFExportCallback(L.Callback):
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         target = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf_model")
-        state = full_state_dict(pl_module.policy)  # collective under FSDP2: every rank gathers
+        state = full_state_dict(pl_module.policy)  # collective under FSDP: every rank gathers
         if trainer.is_global_zero:
-            pl_module.policy.save_pretrained(target, state_dict=without_tied_output(pl_module.policy, state))
+            policy = unwrap(pl_module.policy)
+            policy.save_pretrained(target, state_dict=without_tied_output(policy, state))
             pl_module.tokenizer.save_pretrained(target)
             rank_zero_info(f"policy exported to {target}")
         trainer.strategy.barrier()

@@ -12,8 +12,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from r3l_lightning.callbacks.evaluation import EvalCallback, describe
+from r3l_lightning.checkpoint_io import AtomicCheckpointIO
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.module import R3LModule
 
@@ -45,7 +47,17 @@ class R3LTrainer(L.Trainer):
 
 
 class R3LCLI(LightningCLI):
-    """LightningCLI for ``R3LModule`` + ``ExperienceDataModule``, with the ``evaluate`` subcommand."""
+    """LightningCLI for ``R3LModule`` + ``ExperienceDataModule``, with the ``evaluate`` subcommand.
+
+    Checkpoints are written by :class:`AtomicCheckpointIO` unless the config names another
+    ``CheckpointIO`` plugin.
+    """
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

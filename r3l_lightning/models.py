@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -153,17 +154,78 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _fsdp1_units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(clean prefix, unit)`` of every FSDP1 ``FullyShardedDataParallel`` module, in module order."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return [(_clean_name(name), m) for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name.removesuffix("_fsdp_wrapped_module").removesuffix("_checkpoint_wrapped_module").rstrip(".")
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
-    """True when parameters are FSDP2 DTensor shards."""
+    """True when the parameters are sharded: FSDP2 ``DTensor`` shards or FSDP1-wrapped modules."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return bool(_fsdp1_units(model)) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside an FSDP1 root wrapper (FSDP2 and plain models are their own)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return model.module if isinstance(model, FullyShardedDataParallel) else model
+
+
+def named_full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights as ``(HF name, full tensor)``, one at a time, in a rank-independent order.
+
+    The single place that knows how to get full tensors out of the policy. Plain modules yield their
+    own (detached) state-dict tensors without copying. FSDP2 ``DTensor`` shards are gathered one
+    parameter at a time (``full_tensor()``); FSDP1 is gathered one wrapped unit (one decoder layer)
+    at a time and yields copies. Both are collectives: every rank must consume the whole iterator.
+    Tied parameters (``lm_head.weight`` is ``model.embed_tokens.weight``) are yielded once.
+    Persistent buffers are included.
+    """
+    units = _fsdp1_units(model)
+    if units:
+        yield from _fsdp1_full_weights(units)
+        return
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if hasattr(tensor, "full_tensor"):  # DTensor shard: gather this one parameter
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach()
+
+
+def _fsdp1_full_weights(units: list[tuple[str, torch.nn.Module]]) -> Iterator[tuple[str, torch.Tensor]]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for prefix, unit in units:
+        nested = [p for p, m in units if m is not unit and (not prefix or p.startswith(prefix + "."))]
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
+            for local, param in unit.named_parameters():
+                name = _clean_name(f"{prefix}.{local}" if prefix else local)
+                if "_flat_param" in name or any(name.startswith(p + ".") for p in nested):
+                    continue  # another unit's (still sharded) parameter
+                yield name, param.detach().clone()
+        if not prefix:  # persistent buffers are never sharded: once, from the root
+            for module_name, module in unit.named_modules():
+                for buffer_name, buffer in module.named_buffers(recurse=False):
+                    if buffer_name not in module._non_persistent_buffers_set:
+                        yield _clean_name(f"{module_name}.{buffer_name}".lstrip(".")), buffer.detach()
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) state dict on every rank. Collective under FSDP2: every rank must call it."""
-    if not is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    """The full (unsharded) weights on CPU, on every rank (tied copies once). Collective when sharded."""
+    return {name: tensor.cpu() for name, tensor in named_full_weights(model)}

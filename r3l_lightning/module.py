@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from r3l_lightning.engines.base import RolloutEngine
-from r3l_lightning.engines.hf import HFEngine
+from r3l_lightning.engines import default_engine
 from r3l_lightning.losses import loss_denominator, policy_loss, sft_loss, token_logprobs
 from r3l_lightning.models import decoder_layers, eos_token_ids, is_sharded, load_policy, load_tokenizer
 from r3l_lightning.trajectory import ChatTokenizer
@@ -33,7 +33,8 @@ class R3LModule(L.LightningModule):
 
     Args:
         model_name_or_path: HF hub id, local checkpoint directory, or an embedded model name.
-        engine: the rollout engine (default: ``HFEngine`` on the policy itself).
+        engine: the rollout engine; ``None`` picks :func:`~r3l_lightning.engines.default_engine`
+            (vLLM on CUDA machines with vLLM installed, ``HFEngine`` on the policy itself otherwise).
         aggregation: ``seq-mean-token-mean`` (spec) or ``token-mean``.
         sft_coef: λ_sft.
         lr, weight_decay, betas, warmup_steps: AdamW with linear warmup, then constant.
@@ -77,14 +78,28 @@ class R3LModule(L.LightningModule):
             self.reference = load_policy(model_name_or_path, _DTYPES[model_dtype]).eval().requires_grad_(False)
         self.chat = ChatTokenizer(self.tokenizer, eos_token_ids(self.policy, self.tokenizer))
         self.skipped_steps = 0
-        self.rollout_engine = engine if engine is not None else HFEngine()
+        self.rollout_engine = engine if engine is not None else default_engine()
         self.rollout_engine.bind(self.policy, self.tokenizer, self.chat.eos_token_ids)
 
     # ----- sharding ----------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` every decoder layer, then the root."""
+        """Shard the policy (and the reference model) one decoder layer at a time.
+
+        - ``ModelParallelStrategy`` (FSDP2): ``fully_shard`` every decoder layer, then the root.
+        - ``FSDPStrategy`` (FSDP1): wrap the policy with an auto-wrap policy on its decoder-layer class
+          unless the strategy sets ``auto_wrap_policy``; Lightning then leaves the LightningModule
+          unwrapped, and mixed precision, sharding strategy and activation checkpointing come from
+          the strategy's arguments (``precision: bf16-mixed``, ``activation_checkpointing_policy``).
+        """
+        if is_sharded(self.policy):
+            return
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            self._wrap_fsdp1(self.trainer.strategy)
+            return
         mesh = self.device_mesh
-        if mesh is None or is_sharded(self.policy):
+        if mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
 
@@ -96,6 +111,17 @@ class R3LModule(L.LightningModule):
         fully_shard(self.policy, mesh=dp_mesh)
         if self.reference is not None:
             fully_shard(self.reference, mesh=dp_mesh)
+
+    def _wrap_fsdp1(self, strategy) -> None:
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy, wrap
+
+        overrides = {"device_id": strategy.root_device}  # a torch.device: also valid on CPU (tests)
+        if strategy.kwargs.get("auto_wrap_policy") is None:
+            overrides["auto_wrap_policy"] = ModuleWrapPolicy({type(layer) for layer in decoder_layers(self.policy)})
+        self.policy = wrap(self.policy, **overrides)  # inside Lightning's enable_wrap context
+        if self.reference is not None:
+            self.reference = wrap(self.reference, **overrides)
+        self.rollout_engine.bind(self.policy, self.tokenizer, self.chat.eos_token_ids)
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -206,13 +232,22 @@ class R3LModule(L.LightningModule):
                 logger.log_metrics({"train/skipped_nonfinite_steps": float(self.skipped_steps)}, step=self.global_step)
             return loss_total
         if self.hparams.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+            self._clip_gradients(optimizer, self.hparams.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         self.rollout_engine.on_policy_update(self.global_step)
         self._log_step(batch, loss_total, totals)
         return loss_total
+
+    def _clip_gradients(self, optimizer, max_norm: float) -> None:
+        """Global-norm clipping; FSDP1 needs its root's ``clip_grad_norm_`` (Lightning refuses it)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(self.policy, FullyShardedDataParallel):
+            self.policy.clip_grad_norm_(max_norm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 
     def _any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)

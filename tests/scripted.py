@@ -10,6 +10,7 @@ from typing import Callable
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
 from r3l_lightning.envs.base import Environment, Episode, StepResult, Task, TaskSource
@@ -140,6 +141,11 @@ class FixedExplorer(GroupExplorer):
             result.groups.append(group)
         result.stats = {"samples_base": float(sum(len(g) for g in result.groups))}
         return result
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` (FSDP1) on CPU over gloo. Lightning refuses the class itself without
+    a GPU by an exact-type check; the FSDP1 code path (wrapping, gathers, clipping) is the same."""
 
 
 class SignallingExplorer(R3LExplorer):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from r3l_lightning.checkpoint_io import AtomicCheckpointIO
 from r3l_lightning.cli import cli_main
 from r3l_lightning.explore.explorers import ExplorationResult, GroupExplorer
 
@@ -100,6 +101,7 @@ def test_custom_explorer_class_is_picked_up_from_the_config(tmp_path, monkeypatc
     assert type(cli.datamodule.explorer).__name__ == "CountingExplorer"
     assert CountingExplorer.calls == 1
     assert cli.trainer.global_step >= 1
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # r3l's default
 
 
 def test_evaluate_subcommand_reports_success_rate(tmp_path, monkeypatch, capsys):
@@ -147,9 +149,7 @@ def test_every_method_overlay_trains_one_tiny_epoch(method, tmp_path, monkeypatc
 AGENT_TASKS = [
     pytest.param("scienceworld", "scienceworld", "--data.eval_tasks.init_args.limit", marks=pytest.mark.skipif(
         shutil.which("java") is None, reason="ScienceWorld needs Java"), id="scienceworld"),
-    pytest.param("alfworld", "alfworld", "--data.eval_tasks.init_args.num_games", id="alfworld", marks=pytest.mark.xfail(
-        reason="known: the process segfaults in ALFWorld's native planner during the final evaluation "
-               "(after training completed); open in the ALFWorld issue", strict=False)),
+    pytest.param("alfworld", "alfworld", "--data.eval_tasks.init_args.num_games", id="alfworld"),
 ]
 
 
@@ -159,7 +159,8 @@ def test_short_r3l_run_on_an_agentic_task_completes_from_its_config(task, packag
     # its own process: the simulators' native code must not share the test process (see isolated.py)
     proc = subprocess.run([
         sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(ROOT / "configs" / task / "r3l.yaml"),
-        "--model.model_name_or_path", "tiny-random-smollm2", "--trainer.max_epochs", "1",
+        "--model.model_name_or_path", "tiny-random-smollm2", "--model.engine", "r3l_lightning.engines.hf.HFEngine",
+        "--trainer.max_epochs", "1",
         "--data.tasks_per_epoch", "1", "--data.explorer.init_args.group_size", "2",
         "--data.explorer.init_args.max_new_tokens", "8", "--data.explorer.init_args.reflection_max_new_tokens", "8",
         "--data.environment.init_args.max_turns", "3", eval_size_flag, "1",

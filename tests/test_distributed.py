@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo): DDP and FSDP2 (ModelParallelStrategy) never deadlock on uneven ranks,
+"""Two CPU processes (gloo): DDP, FSDP1 (FSDPStrategy) and FSDP2 (ModelParallelStrategy) never deadlock on uneven ranks,
 and train to the same weights as one process on the same data."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke" / "tiny.yaml"
 FSDP2 = ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
          "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"]
+FSDP1 = ["--trainer.strategy", "{class_path: scripted.CPUFSDPStrategy}"]  # decoder layers auto-wrapped by R3LModule
 TIMEOUT_S = 420  # a deadlock fails the test instead of hanging CI
 
 
@@ -48,11 +49,12 @@ def _fixed_data_run(tmp: Path, *extra: str) -> dict[str, torch.Tensor]:
     return load_file(tmp / "hf" / "model.safetensors")
 
 
-def test_fsdp2_matches_a_single_process_run_on_the_same_data(tmp_path):
+@pytest.mark.parametrize("strategy", [FSDP2, FSDP1], ids=["fsdp2", "fsdp1"])
+def test_sharded_run_matches_a_single_process_run_on_the_same_data(tmp_path, strategy):
     (tmp_path / "single").mkdir()
     (tmp_path / "fsdp").mkdir()
     single = _fixed_data_run(tmp_path / "single")
-    sharded = _fixed_data_run(tmp_path / "fsdp", "--trainer.devices", "2", *FSDP2)
+    sharded = _fixed_data_run(tmp_path / "fsdp", "--trainer.devices", "2", *strategy)
     initial = load_policy(TINY_RANDOM).state_dict()
     assert set(single) == set(sharded)
     for key in single:

@@ -12,7 +12,7 @@ pytest.importorskip("vllm")
 
 from r3l_lightning.engines.base import SamplingParams  # noqa: E402
 from r3l_lightning.engines.hf import HFEngine  # noqa: E402
-from r3l_lightning.engines.vllm import VLLMEngine, _named_full_parameters  # noqa: E402
+from r3l_lightning.engines.vllm import VLLMEngine  # noqa: E402
 from r3l_lightning.models import TINY_RANDOM, eos_token_ids, load_policy, load_tokenizer  # noqa: E402
 
 PROMPTS = [[1, 9, 42, 7, 300], [1, 55], [1, 8, 8, 8, 8, 8, 8, 900], [1, 4000, 4001, 17, 23, 99]]
@@ -32,7 +32,7 @@ def engines():
     tokenizer = load_tokenizer(TINY_RANDOM)
     eos = eos_token_ids(policy, tokenizer)
     hf = HFEngine()
-    vl = VLLMEngine(max_model_len=256, kv_cache_gib=0.25, sync_every=2, enforce_eager=True)
+    vl = VLLMEngine(max_model_len=256, kv_cache_gib=0.25, sync_every=2, enforce_eager=True, dtype="float32")
     hf.bind(policy, tokenizer, eos)
     vl.bind(policy, tokenizer, eos)
     yield policy, hf, vl
@@ -101,16 +101,6 @@ def test_sampling_shapes_and_processed_logprobs(engines):
             # processed logprobs: after temperature
             expected = torch.log_softmax(logits / 0.7, -1).gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
             torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=LOGPROB_ATOL, rtol=0)
-
-
-def test_named_full_parameters_streams_each_weight_once(engines):
-    policy, _, _ = engines
-    names = [n for n, _ in _named_full_parameters(policy)]
-    assert "lm_head.weight" not in names  # tied to model.embed_tokens.weight: sent once
-    assert len(names) == len(set(names)) == len({id(p) for p in policy.parameters()})
-    params = dict(policy.named_parameters())
-    for name, tensor in _named_full_parameters(policy):
-        assert tensor.data_ptr() == params[name].data_ptr()  # no copy
 
 
 def test_weight_sync_follows_an_optimizer_step(engines):

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
-from r3l_lightning.models import full_state_dict, is_sharded
+from r3l_lightning.models import is_sharded, named_full_weights
 
 
 class HFEngine(RolloutEngine):
@@ -15,7 +15,7 @@ class HFEngine(RolloutEngine):
     Prompts are processed in chunks of ``max_batch_size`` sequences (prompt × n). Logprobs are the
     processed scores (after temperature / top-p) of the sampled ids.
 
-    Sharded (FSDP2) policies: every forward of a sharded model is a collective, but ranks explore
+    Sharded (FSDP1/FSDP2) policies: every forward of a sharded model is a collective, but ranks explore
     different tasks and so make different numbers of generate calls. Instead of keeping every call in
     lockstep, :meth:`sync_weights` (called by the callbacks at points every rank reaches) gathers the
     full weights into an unsharded inference copy that generation then uses locally. ``synced_gpus``
@@ -31,16 +31,20 @@ class HFEngine(RolloutEngine):
         self._inference_copy = None
 
     def sync_weights(self) -> None:
-        """Refresh the unsharded inference copy of a sharded policy (collective; no-op otherwise)."""
+        """Refresh the unsharded inference copy of a sharded policy, one gathered tensor at a time
+        (collective under FSDP1/FSDP2; no-op for an unsharded policy)."""
         if not is_sharded(self.policy):
             self._inference_copy = None
             return
-        state = full_state_dict(self.policy)
         if self._inference_copy is None:
-            self._inference_copy = AutoModelForCausalLM.from_config(self.policy.config).eval()
+            dtype = next(self.policy.parameters()).dtype
+            self._inference_copy = AutoModelForCausalLM.from_config(self.policy.config, dtype=dtype).eval()
             self._inference_copy.generation_config = self.policy.generation_config
-        self._inference_copy.load_state_dict(state)
-        self._inference_copy.to(self._device())
+            self._inference_copy.to(self._device())
+        target = self._inference_copy.state_dict()
+        with torch.no_grad():
+            for name, tensor in named_full_weights(self.policy):
+                target[name].copy_(tensor)
 
     def max_context(self) -> int | None:
         """The policy's position limit (prompt + completion)."""

@@ -34,10 +34,9 @@ from r3l_lightning.envs.alfworld_games import (
     OFFICIAL_TO_SHORT,
     TASK_TYPES,
     TRAJ_FILE,
-    close_engine,
+    ENGINE_POOL,
     engine_guard,
     ensure_generated,
-    make_engine,
     normalize_task_type,
 )
 from r3l_lightning.envs.base import Environment, Episode, StepResult, Task, TaskSource
@@ -202,7 +201,7 @@ class AlfWorldTasks(TaskSource):
 
 
 class AlfWorldEpisode(Episode):
-    """One game on the TextWorld PDDL engine (its own fast-downward library instance)."""
+    """One game on the TextWorld PDDL engine (an engine leased from :data:`ENGINE_POOL` until ``close``)."""
 
     def __init__(self, task: Task, env: AlfWorldEnv) -> None:
         self.task = task
@@ -228,8 +227,8 @@ class AlfWorldEpisode(Episode):
 
     def reset(self) -> str:
         if self._engine is None:
-            self._engine = make_engine()
-            self._finalizer = weakref.finalize(self, close_engine, self._engine)
+            self._engine = ENGINE_POOL.acquire()
+            self._finalizer = weakref.finalize(self, ENGINE_POOL.release, self._engine)
             with engine_guard():
                 self._engine.load(self.task.payload["game_file"])
         with engine_guard():
@@ -294,7 +293,7 @@ class AlfWorldEpisode(Episode):
 
     def close(self) -> None:
         if self._finalizer is not None:
-            self._finalizer()  # closes the engine once
+            self._finalizer()  # gives the engine back to the pool, once
         self._engine = None
         self._finalizer = None
 

@@ -480,18 +480,34 @@ def _inner(env):
     return env
 
 
-def close_engine(env) -> None:
-    """Release the private copy of libdownward.so that PddlEnv loads."""
-    try:
-        import fast_downward  # noqa: PLC0415
+class EnginePool:
+    """Loaded engines, reused game after game instead of being closed.
 
-        inner = _inner(env)
-        lib = getattr(inner, "downward_lib", None)
-        if lib is not None:
-            inner.downward_lib = None
-            fast_downward.close_lib(lib)
-    except Exception:  # noqa: BLE001 - best effort
-        pass
+    Each engine loads a private copy of fast-downward's library (``load_lib``); loading a new copy
+    after earlier copies were unloaded (``dlclose``) crashed the whole process inside ``dlopen``
+    (segfault, reproducible in a full ``r3l fit`` run at the final evaluation). So engines are never
+    unloaded: an episode leases one on ``reset`` and gives it back on ``close``; the pool holds at
+    most as many engines as episodes ever ran at once (each maps a ~34 MB library copy).
+    """
+
+    def __init__(self) -> None:
+        self._idle: list = []
+        self._lock = threading.Lock()
+        self.created = 0
+
+    def acquire(self):
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            self.created += 1
+        return make_engine()
+
+    def release(self, engine) -> None:
+        with self._lock:
+            self._idle.append(engine)
+
+
+ENGINE_POOL = EnginePool()
 
 
 def scripted_plan(spec: GameSpec, names: dict[str, str]) -> list[str]:
@@ -563,7 +579,7 @@ def verify_plan(env, data: dict[str, Any], plan: list[str]) -> bool:
 def solve_and_verify(spec: GameSpec, data: dict[str, Any], env=None) -> list[str] | None:
     """The scripted expert's plan for a game if replaying it in the engine wins, else None."""
     own = env is None
-    env = env or make_engine()
+    env = env or ENGINE_POOL.acquire()
     try:
         with engine_guard():
             env.load(data)
@@ -576,7 +592,7 @@ def solve_and_verify(spec: GameSpec, data: dict[str, Any], env=None) -> list[str
         return None
     finally:
         if own:
-            close_engine(env)
+            ENGINE_POOL.release(env)
 
 
 # ------------------------------------------------------------------------------------- cache
@@ -655,7 +671,7 @@ def ensure_generated(split: str, seed: int, num_games: int, task_types: list[str
         tmp.mkdir()
     games = list(manifest["games"]) if have else []
     t0 = time.perf_counter()
-    env = make_engine()
+    env = ENGINE_POOL.acquire()
     try:
         for index in range(have, num_games):
             spec, data = generate_game(split, seed, index, types[index % len(types)], env)
@@ -666,7 +682,7 @@ def ensure_generated(split: str, seed: int, num_games: int, task_types: list[str
             (game_dir / TRAJ_FILE).write_text(json.dumps(traj_data(spec, split, seed, index), indent=1))
             games.append(f"{split}/{task_folder}/{trial}")
     finally:
-        close_engine(env)
+        ENGINE_POOL.release(env)
     elapsed = time.perf_counter() - t0
     (tmp / MANIFEST_FILE).write_text(json.dumps({
         "generator_version": GENERATOR_VERSION, "split": split, "seed": seed, "task_types": types,

@@ -1,0 +1,43 @@
+"""Crash-safe checkpoint files: write beside the target, fsync, rename into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file in the checkpoint's directory, ``fsync``, then
+    ``os.replace`` onto the target: a crash or kill during a save leaves the previous file intact and
+    never a partial one. (Lightning's default buffers the whole checkpoint in memory and moves it
+    from the system temp directory, which is a non-atomic copy when that is another filesystem.)
+    Remote URLs (``s3://`` …) fall back to Lightning's implementation. ``r3l`` installs this by
+    default; a ``CheckpointIO`` given in ``trainer.plugins`` is kept instead.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
