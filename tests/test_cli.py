@@ -146,15 +146,22 @@ def test_every_method_overlay_trains_one_tiny_epoch(method, tmp_path, monkeypatc
     assert cli.trainer.callbacks[0].last_stats["base_reward_mean"] >= 0.0
 
 
-AGENT_TASKS = [
-    pytest.param("scienceworld", "scienceworld", "--data.eval_tasks.init_args.limit", marks=pytest.mark.skipif(
-        shutil.which("java") is None, reason="ScienceWorld needs Java"), id="scienceworld"),
-    pytest.param("alfworld", "alfworld", "--data.eval_tasks.init_args.num_games", id="alfworld"),
+GSM8K_TINY = str(ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl")
+SHORT_RUNS = [
+    pytest.param("scienceworld", "scienceworld", ["--data.environment.init_args.max_turns", "3",
+                                                  "--data.eval_tasks.init_args.limit", "1"],
+                 marks=pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld needs Java"),
+                 id="scienceworld"),
+    pytest.param("alfworld", "alfworld", ["--data.environment.init_args.max_turns", "3",
+                                          "--data.eval_tasks.init_args.num_games", "1"], id="alfworld"),
+    pytest.param("math", "math_verify", ["--data.train_tasks.init_args.path", GSM8K_TINY,
+                                         "--data.eval_tasks.init_args.path", GSM8K_TINY,
+                                         "--data.eval_tasks.init_args.limit", "1"], id="math"),
 ]
 
 
-@pytest.mark.parametrize("task, package, eval_size_flag", AGENT_TASKS)
-def test_short_r3l_run_on_an_agentic_task_completes_from_its_config(task, package, eval_size_flag, tmp_path):
+@pytest.mark.parametrize("task, package, task_args", SHORT_RUNS)
+def test_short_r3l_run_completes_from_the_task_config(task, package, task_args, tmp_path):
     pytest.importorskip(package)
     # its own process: the simulators' native code must not share the test process (see isolated.py)
     proc = subprocess.run([
@@ -163,7 +170,7 @@ def test_short_r3l_run_on_an_agentic_task_completes_from_its_config(task, packag
         "--trainer.max_epochs", "1",
         "--data.tasks_per_epoch", "1", "--data.explorer.init_args.group_size", "2",
         "--data.explorer.init_args.max_new_tokens", "8", "--data.explorer.init_args.reflection_max_new_tokens", "8",
-        "--data.environment.init_args.max_turns", "3", eval_size_flag, "1",
+        *task_args,
         "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks",
         "[{class_path: r3l_lightning.callbacks.ExplorationCallback},"
         " {class_path: r3l_lightning.callbacks.EvalCallback, init_args: {max_new_tokens: 8}}]",
