@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,3 +16,20 @@ pytest.importorskip("vllm")
 
 def test_vllm_engine_checks_pass_in_a_separate_process():
     assert_checks_pass(Path(__file__).with_name("vllm_engine_checks.py"))
+
+
+def test_r3l_fit_with_the_vllm_engine_runs_two_epochs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([
+        sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(root / "configs" / "smoke" / "tiny.yaml"),
+        "--model.engine", "r3l_lightning.engines.vllm.VLLMEngine", "--model.engine.init_args.enforce_eager", "true",
+        "--model.engine.init_args.kv_cache_gib", "0.25", "--model.engine.init_args.max_model_len", "1024",
+        "--trainer.max_epochs", "2",
+    ], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "`max_epochs=2` reached" in output and "[eval after training] success_rate=" in output
+    assert "Reloading and processing weights" in output  # vLLM's in-place reload: weight syncs happened
+    steps = [row for row in csv.DictReader(open(next(tmp_path.glob("runs/smoke/csv/version_*/metrics.csv"))))
+             if row.get("train/loss")]
+    assert len(steps) >= 2  # optimizer steps in both epochs
