@@ -137,6 +137,8 @@ def policy_loss(
     ratio_level: Literal["token", "sequence"] = "token",
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    shaped: torch.Tensor | None = None,
+    shaping_gamma: float | None = None,
 ) -> LossTerms:
     """Masked policy-gradient loss of a [B, L] batch with one advantage per sequence.
 
@@ -148,34 +150,49 @@ def policy_loss(
       r_t = exp(log π_t − old_t), or for ``ratio_level="sequence"`` (GSPO) the sequence ratio
       s = exp(mean over its trainable tokens of (log π − old)) for every token of the sequence;
       ``old_logprobs`` without a clip range is ignored;
-    - with ``ref_logprobs`` and ``kl_coef > 0``: + kl_coef·k3_t, k3 = exp(ref − log π) − (ref − log π) − 1.
+    - policy shaping (Critique-GRPO) on the rows flagged by ``shaped`` (bool [B]) when ``shaping_gamma``
+      (γ > 0) is set: ℓ_t = −Â·f(π_t), f(π) = π/(π + γ), π_t = exp(log π_t), in place of the rows'
+      ratio/REINFORCE term (no ratio, no clip: their rollout logprobs came from another context);
+      gradient −Â·γ·π/(π + γ)² per log π_t. ``shaping_gamma=None`` (default): those rows train as any other;
+    - with ``ref_logprobs`` and ``kl_coef > 0``: + kl_coef·k3_t, k3 = exp(ref − log π) − (ref − log π) − 1
+      (on every row, shaped or not).
 
     Aggregation ``seq-mean-token-mean``: numerator = Σ over sequences with |τ| > 0 of Σ_t mask·ℓ_t / |τ|,
     denominator = their count; ``token-mean``: numerator = Σ mask·ℓ_t, denominator = Σ mask.
     Metrics (detached, means over trainable tokens): ``clip_fraction`` (ratio outside the clip range)
-    and ``ratio_mean`` when the ratio is used, ``kl`` (mean k3) whenever ``ref_logprobs`` is given.
+    and ``ratio_mean`` over the unshaped rows when the ratio is used, ``kl`` (mean k3) whenever
+    ``ref_logprobs`` is given.
     """
     _check(aggregation)
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"unknown ratio_level {ratio_level!r}; options: token, sequence")
+    if shaping_gamma is not None and not shaping_gamma > 0:
+        raise ValueError(f"shaping_gamma must be > 0 (or None: no shaping), got {shaping_gamma}")
     mask = loss_mask.float()
     trainable = mask != 0
     adv = advantages.float()[:, None]
+    shaping = shaping_gamma is not None and shaped is not None
+    shaped_rows = shaped.bool()[:, None] if shaping else torch.zeros_like(trainable[:, :1])
     metrics: dict[str, torch.Tensor] = {}
     if old_logprobs is not None and (clip_low is not None or clip_high is not None):
         low = 1.0 - clip_low if clip_low is not None else -float("inf")
         high = 1.0 + clip_high if clip_high is not None else float("inf")
-        log_ratio = torch.where(trainable, logprobs - old_logprobs, 0.0)
+        ratio_mask = mask * ~shaped_rows  # shaped rows get ratio 1: an off-context ratio never makes a NaN
+        log_ratio = torch.where(ratio_mask != 0, logprobs - old_logprobs, 0.0)
         if ratio_level == "sequence":
-            seq = (log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-8)
+            seq = (log_ratio * ratio_mask).sum(dim=1) / ratio_mask.sum(dim=1).clamp(min=1e-8)
             ratio = torch.exp(seq)[:, None].expand_as(logprobs)
         else:
             ratio = torch.exp(log_ratio)
         per_token = -torch.minimum(ratio * adv, ratio.clamp(low, high) * adv)
-        metrics["clip_fraction"] = _masked_mean(((ratio < low) | (ratio > high)).float(), mask)
-        metrics["ratio_mean"] = _masked_mean(ratio, mask)
+        metrics["clip_fraction"] = _masked_mean(((ratio < low) | (ratio > high)).float(), ratio_mask)
+        metrics["ratio_mean"] = _masked_mean(ratio, ratio_mask)
     else:
         per_token = -adv * logprobs
+    if shaping:
+        rows = shaped_rows & trainable
+        prob = torch.exp(torch.where(rows, logprobs, 0.0))
+        per_token = torch.where(rows, -adv * prob / (prob + shaping_gamma), per_token)
     if ref_logprobs is not None:
         delta = torch.where(trainable, ref_logprobs - logprobs, 0.0)
         k3 = torch.exp(delta) - delta - 1.0

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
-SampleKind = Literal["base", "distill", "retry", "sft_reflect", "sft_retry", "sft_success", "eval"]
+SampleKind = Literal["base", "distill", "retry", "refinement", "sft_reflect", "sft_retry", "sft_success", "eval"]
 
 
 @dataclass
@@ -73,6 +73,11 @@ class TrainingSample:
     @property
     def is_sft(self) -> bool:
         return self.kind.startswith("sft")
+
+    @property
+    def is_refinement(self) -> bool:
+        """An off-policy critique-guided refinement (Critique-GRPO): trained with policy shaping."""
+        return self.kind == "refinement"
 
     @property
     def num_trainable_tokens(self) -> int:

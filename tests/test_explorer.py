@@ -1,13 +1,14 @@
-"""R³L explorer branches with a scripted engine: retry, distill, masks, SFT admission, failures."""
+"""R³L explorer branches with a scripted engine: retry, distill, masks, SFT admission, failures; Critique-GRPO."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from r3l_lightning.explore.episodes import RolloutContext
-from r3l_lightning.explore.explorers import GroupExplorer, R3LExplorer
+from r3l_lightning.explore.explorers import CritiqueGRPOExplorer, GroupExplorer, R3LExplorer
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
 
 REFLECTION = {
@@ -221,3 +222,104 @@ def test_raft_keeps_only_successes_as_sft(tiny_chat):
     assert result.groups == []
     assert [s.kind for s in result.sft] == ["sft_success", "sft_success"]
     assert all(_text(tiny_chat, s, trainable_only=True) == "apple<|im_end|>" for s in result.sft)
+
+
+# ----- Critique-GRPO -------------------------------------------------------------------------------
+
+CRITIQUE = dict(REFLECTION, retry_from_step=0)
+FRUIT = {"apple": 1.0, "fig": 1.0, "plum": 0.5}
+GUIDED = "previous attempt at this task had issues"
+
+
+def critique_script(base_answers: list[str], suggestions: dict[str, str | None]):
+    """Base attempts answer ``base_answers`` in turn; the critique of an attempt that answered w suggests
+    ``suggestions[w]`` (no JSON, i.e. an invalid critique, when None); a refinement answers the suggestion."""
+    queue = iter(base_answers)
+
+    def respond(prompt: str) -> str:
+        if "Write the JSON diagnosis" in prompt:
+            suggestion = suggestions[re.search(r"Response:\n(\w+)", prompt).group(1)]
+            return json.dumps(dict(CRITIQUE, improvement_suggestion=f"switch to {suggestion}")) if suggestion else "hm"
+        if GUIDED in prompt:
+            return re.search(r"switch to (\w+)", prompt).group(1)
+        return next(queue)
+    return respond
+
+
+def critique_run(chat, base_answers, suggestions, tasks=1, group_size=3):
+    engine = ScriptedEngine(critique_script(base_answers, suggestions), chat.tokenizer, chat.tokenizer.eos_token_id)
+    source = GuessTasks(tasks, FRUIT)
+    result = CritiqueGRPOExplorer(group_size=group_size).explore(
+        [source[i] for i in range(tasks)], RolloutContext(GuessEnv(max_turns=1), engine, chat))
+    return result, engine
+
+
+# rewards [0, .5, 0, 1] or [0, 0, .5, 1]: mean .375, deviations -.375, .125, .625; unbiased
+# σ = sqrt((2·.140625 + .015625 + .390625)/3) = sqrt(.22916667) = .47871355
+# → A = -.375/σ = -.78334945, .125/σ = .26111648, .625/σ = 1.30558242
+LOW, MID, HIGH = -0.78334945, 0.26111648, 1.30558242
+
+
+def test_critique_grpo_keeps_the_best_refinement_per_task_without_its_critique(tiny_chat):
+    # task 0: pear, plum, pear (R = 0, .5, 0); refinements plum (.5), apple (1), plum (.5) → apple, the 2nd
+    # task 1: kiwi, pear, plum (R = 0, 0, .5); refinements fig (1), plum (.5), apple (1) → fig: first of the tie
+    suggestions = {"pear": "plum", "plum": "apple", "kiwi": "fig"}
+    result, engine = critique_run(tiny_chat, ["pear", "plum", "pear", "kiwi", "pear", "plum"], suggestions, tasks=2)
+    assert engine.calls == [6, 6, 6]  # N base samples, N critiques, N refinements per task, each phase batched
+    assert len(result.groups) == 2
+    for group, kept in zip(result.groups, ("apple", "fig")):
+        assert [s.kind for s in group] == ["base", "base", "base", "refinement"]
+        refinement = group[-1]
+        assert _text(tiny_chat, refinement, trainable_only=True) == f"{kept}<|im_end|>"
+        text = _text(tiny_chat, refinement)
+        assert GUIDED not in text and "switch to" not in text  # the ORIGINAL prompt: no critique
+        cut = next(t for t, m in enumerate(refinement.loss_mask) if m)
+        assert refinement.input_ids[:cut] == group[0].input_ids[:cut]  # token-identical prompt to a base sample
+    assert [s.advantage for s in result.groups[0]] == pytest.approx([LOW, MID, LOW, HIGH], abs=1e-5)
+    assert [s.advantage for s in result.groups[1]] == pytest.approx([LOW, LOW, MID, HIGH], abs=1e-5)
+    assert result.sft == []
+    stats = result.stats
+    assert (stats["critiques"], stats["invalid_critiques"], stats["refinements"]) == (6, 0, 6)
+    assert stats["refinement_success_rate"] == 0.5  # apple, fig, apple: 3 of the 6 refinements score 1
+    assert (stats["samples_base"], stats["samples_refinement"]) == (6, 2)
+    assert stats["base_success_rate"] == 0.0
+
+
+def test_critique_grpo_refinement_mask_covers_every_assistant_turn(tiny_chat):
+    def respond(prompt: str) -> str:
+        if "Write the JSON diagnosis" in prompt:
+            return json.dumps(dict(CRITIQUE, improvement_suggestion="switch to apple"))
+        if GUIDED in prompt:
+            return "apple" if "is wrong" in prompt else "kiwi"  # a two-turn refinement
+        return "pear"
+
+    engine = ScriptedEngine(respond, tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    result = CritiqueGRPOExplorer(group_size=3).explore(
+        [GuessTasks(1)[0]], RolloutContext(GuessEnv(max_turns=2), engine, tiny_chat))
+    (group,) = result.groups
+    refinement = group[-1]
+    assert _text(tiny_chat, refinement, trainable_only=True) == "kiwi<|im_end|>apple<|im_end|>"
+    assert refinement.num_trainable_tokens == refinement.num_assistant_tokens
+    assert GUIDED not in _text(tiny_chat, refinement)
+    assert all(_text(tiny_chat, s, trainable_only=True) == "pear<|im_end|>pear<|im_end|>" for s in group[:3])
+    # rewards [0, 0, 0, 1]: mean .25, σ = sqrt((3·.0625 + .5625)/3) = .5 → [-.5, -.5, -.5, 1.5]
+    assert [s.advantage for s in group] == pytest.approx([-0.5, -0.5, -0.5, 1.5], abs=1e-5)
+
+
+def test_invalid_critiques_are_counted_and_skip_their_refinement(tiny_chat):
+    result, engine = critique_run(tiny_chat, ["pear", "plum", "pear"], {"pear": None, "plum": "apple"})
+    assert engine.calls == [3, 3, 1]  # one refinement: the valid critique's
+    stats = result.stats
+    assert (stats["critiques"], stats["invalid_critiques"], stats["invalid_reflection_no_json"]) == (3, 2, 2)
+    assert (stats["refinements"], stats["refinement_success_rate"]) == (1, 1.0)
+    (group,) = result.groups
+    assert [s.kind for s in group] == ["base", "base", "base", "refinement"]
+    assert [s.advantage for s in group] == pytest.approx([LOW, MID, LOW, HIGH], abs=1e-5)
+    # no valid critique at all: the group is the N samples alone
+    result, engine = critique_run(tiny_chat, ["pear", "plum", "pear"], {"pear": None, "plum": None})
+    assert engine.calls == [3, 3]
+    assert [s.kind for s in result.groups[0]] == ["base"] * 3
+    assert (result.stats["refinements"], result.stats["samples_refinement"]) == (0, 0)
+    # rewards [0, .5, 0]: mean 1/6, σ = sqrt((1/36 + 4/36 + 1/36)/2) = sqrt(1/12) = .28867513
+    # → A = -(1/6)/σ = -.57735027, (1/3)/σ = 1.15470054
+    assert [s.advantage for s in result.groups[0]] == pytest.approx([-0.57735027, 1.15470054, -0.57735027], abs=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from r3l_lightning.losses import loss_denominator, policy_loss, sft_loss, token_logprobs
+from r3l_lightning.losses import AGGREGATIONS, loss_denominator, policy_loss, sft_loss, token_logprobs
 
 TIGHT = {"rtol": 1e-6, "atol": 1e-6}
 
@@ -266,6 +266,108 @@ def test_k3_kl_by_hand():
     monitor = policy_loss(logp, mask, torch.tensor([1.0]), ref_logprobs=ref)
     assert_close(monitor.numerator, scalar(1.5), **TIGHT)
     assert_close(monitor.metrics["kl"], scalar(0.4124062441), **TIGHT)
+
+
+# ----- policy loss: Critique-GRPO policy shaping --------------------------------------------------
+
+# π = [.5, .25, .1] (row 0, Â = 2) and [.9, .4] (row 1, Â = -1); f(π) = π/(π + .1):
+# row 0: .5/.6 = .83333333, .25/.35 = .71428571, .1/.2 = .5; row 1: .9/1 = .9, .4/.5 = .8
+SHAPE_LOGP = torch.tensor([[0.0, math.log(0.5), math.log(0.25), math.log(0.1)],
+                           [0.0, math.log(0.9), math.log(0.4), 0.0]])
+SHAPE_MASK = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+SHAPE_ADV = torch.tensor([2.0, -1.0])
+BOTH = torch.tensor([True, True])
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "numerator", "denominator", "normaliser"),
+    [
+        # ℓ = -Â·f(π): row 0 → -2·(.83333333 + .71428571 + .5)/3 = -1.36507937; row 1 → (.9 + .8)/2 = .85
+        ("seq-mean-token-mean", -0.5150793651, 2.0, [[6.0], [4.0]]),  # 1/(|τ|·2 sequences)
+        # Σ ℓ = -4.0952381 + 1.7 over 5 tokens
+        ("token-mean", -2.3952380952, 5.0, [[5.0], [5.0]]),
+    ],
+)
+def test_policy_shaping_by_hand(aggregation, numerator, denominator, normaliser):
+    logp = SHAPE_LOGP.clone().requires_grad_(True)
+    terms = policy_loss(logp, SHAPE_MASK, SHAPE_ADV, aggregation=aggregation, shaped=BOTH, shaping_gamma=0.1)
+    assert_close(terms.numerator, scalar(numerator), **TIGHT)
+    assert_close(terms.denominator, scalar(denominator), **TIGHT)
+    assert terms.metrics == {}
+    (terms.numerator / terms.denominator).backward()
+    # ∂f(π)/∂log π = f'(π)·π = γ·π/(π + γ)² (chain rule through π = exp(log π)); ×Â: the objective's
+    # row 0 (Â = 2): .1·.5/.36 = .13888889, .1·.25/.1225 = .20408163, .1·.1/.04 = .25
+    #                → ×2 = .27777778, .40816327, .5
+    # row 1 (Â = -1): .1·.9/1 = .09, .1·.4/.25 = .16 → ×(-1) = -.09, -.16
+    # the loss is minus the objective, divided by the aggregation's normaliser
+    objective_grad = torch.tensor([[0.0, 0.2777777778, 0.4081632653, 0.5], [0.0, -0.09, -0.16, 0.0]])
+    assert_close(logp.grad, -objective_grad / torch.tensor(normaliser), **TIGHT)
+
+
+def test_mixed_shaped_and_unshaped_rows_are_the_sum_of_both():
+    from r3l_lightning.data import collate
+    from r3l_lightning.trajectory import TrainingSample
+
+    # the flag travels from the sample kind through collate: row 0 a refinement, row 1 an on-policy sample
+    rows = [TrainingSample([1, 2, 3, 4], [0, 1, 1, 1], 2.0, "refinement"),
+            TrainingSample([1, 2, 3], [0, 1, 1], -1.0, "base")]
+    shaped = collate(rows)["shaped"]
+    assert shaped.tolist() == [True, False]
+    # row 1: ratios .9/.6 = 1.5 and .4/.8 = .5, Â = -1, clip [.8, 1.2] → ℓ = max(r, clip(r)) = [1.5, .8],
+    # mean 1.15; row 0's rollout logprobs (-100) are ignored: it is shaped, -1.36507937 as above
+    # → seq-mean numerator -.21507937
+    old = torch.tensor([[0.0, -100.0, -100.0, -100.0], [0.0, math.log(0.6), math.log(0.8), 0.0]])
+    ratio = {"old_logprobs": old, "clip_low": 0.2, "clip_high": 0.2}
+    for agg in AGGREGATIONS:
+        logp = SHAPE_LOGP.clone().requires_grad_(True)
+        mixed = policy_loss(logp, SHAPE_MASK, SHAPE_ADV, aggregation=agg, shaped=shaped, shaping_gamma=0.1, **ratio)
+        (mixed_grad,) = torch.autograd.grad(mixed.numerator, logp)
+        assert torch.isfinite(mixed_grad).all()
+        alone = [policy_loss(logp[i : i + 1], SHAPE_MASK[i : i + 1], SHAPE_ADV[i : i + 1], aggregation=agg,
+                             shaped=shaped[i : i + 1], shaping_gamma=0.1,
+                             **{**ratio, "old_logprobs": old[i : i + 1]}) for i in range(2)]
+        assert_close(mixed.numerator, alone[0].numerator + alone[1].numerator, **TIGHT)
+        assert_close(mixed.denominator, alone[0].denominator + alone[1].denominator, **TIGHT)
+        (alone_grad,) = torch.autograd.grad(alone[0].numerator + alone[1].numerator, logp)
+        assert_close(mixed_grad, alone_grad, **TIGHT)
+    mixed = policy_loss(SHAPE_LOGP, SHAPE_MASK, SHAPE_ADV, shaped=shaped, shaping_gamma=0.1, **ratio)
+    assert_close(mixed.numerator, scalar(-0.2150793651), **TIGHT)
+    # ratio metrics cover the unshaped row only: both of its ratios are outside [.8, 1.2], mean (1.5 + .5)/2
+    assert_close(mixed.metrics["clip_fraction"], scalar(1.0), **TIGHT)
+    assert_close(mixed.metrics["ratio_mean"], scalar(1.0), **TIGHT)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"aggregation": "token-mean"},
+        {"old_logprobs": torch.zeros(2, 4), "clip_low": 0.2, "clip_high": 0.28},
+        {"old_logprobs": torch.full((2, 4), -0.3), "clip_low": 3e-4, "clip_high": 4e-4, "ratio_level": "sequence"},
+        {"ref_logprobs": torch.full((2, 4), -1.0), "kl_coef": 0.01},
+    ],
+    ids=["reinforce", "token-mean", "clipped-ratio", "gspo", "kl"],
+)
+def test_without_shaping_gamma_every_result_is_unchanged(options):
+    def run(**shaping):
+        logp = SHAPE_LOGP.clone().requires_grad_(True)
+        terms = policy_loss(logp, SHAPE_MASK, SHAPE_ADV, **options, **shaping)
+        (grad,) = torch.autograd.grad(terms.numerator / terms.denominator, logp)
+        return terms, grad
+
+    plain, plain_grad = run()
+    # flagged rows but γ = None, or γ set but no row flagged: the loss as before, bit for bit
+    for shaping in ({"shaped": BOTH, "shaping_gamma": None}, {"shaped": ~BOTH, "shaping_gamma": 0.1}):
+        terms, grad = run(**shaping)
+        assert torch.equal(terms.numerator, plain.numerator) and torch.equal(terms.denominator, plain.denominator)
+        assert terms.metrics.keys() == plain.metrics.keys()
+        assert all(torch.equal(terms.metrics[k], plain.metrics[k]) for k in plain.metrics)
+        assert torch.equal(grad, plain_grad)
+
+
+def test_shaping_gamma_must_be_positive():
+    with pytest.raises(ValueError, match="shaping_gamma must be > 0"):
+        policy_loss(SHAPE_LOGP, SHAPE_MASK, SHAPE_ADV, shaped=BOTH, shaping_gamma=0.0)
 
 
 def test_sft_loss_is_mean_token_nll():

@@ -3,6 +3,8 @@
 - :class:`GroupExplorer`: N samples per task from the current policy (GRPO and "R³L w/o reflect-retry").
 - :class:`R3LExplorer`: N/2 base samples, reflection on each, retry from the pivot with guidance,
   distill samples (guidance removed), pivot masks, SFT samples from verified corrections.
+- :class:`CritiqueGRPOExplorer`: N samples, a critique (reflection) of each, a critique-guided
+  refinement from scratch, the best refinement added to the group without its critique.
 
 Users swap exploration by subclassing :class:`Explorer` and pointing the config at their class.
 """
@@ -31,7 +33,7 @@ from r3l_lightning.explore.reflection import (
     parse_reflection,
     reflection_messages,
 )
-from r3l_lightning.trajectory import Message, TrainingSample, Trajectory, make_sample
+from r3l_lightning.trajectory import Message, SampleKind, TrainingSample, Trajectory, make_sample
 
 log = logging.getLogger(__name__)
 
@@ -224,16 +226,9 @@ class R3LExplorer(GroupExplorer):
     def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
         self._calls += 1
         counters = RolloutCounters()
-        base_groups = self.rollout(tasks, self.group_size // 2, ctx, counters)
-        pairs = [
-            _Pair(task, t, reflection_messages(t, ctx.env.system_prompt()))
-            for task, group in zip(tasks, base_groups)
-            for t in group
-        ]
-        self._reflect(pairs, ctx, counters)
-        self._retry(pairs, ctx, counters)
-        result = ExplorationResult()
         per_task = self.group_size // 2
+        pairs = self._reflect_and_retry(tasks, per_task, ctx, counters)
+        result = ExplorationResult()
         for i, task in enumerate(tasks):
             task_pairs = pairs[i * per_task : (i + 1) * per_task]
             trajectories, pivots = [], []
@@ -250,6 +245,19 @@ class R3LExplorer(GroupExplorer):
             result.sft += self._sft_samples(task_pairs, ctx, task.task_id)
         result.stats = self._stats(pairs, result, counters)
         return result
+
+    def _reflect_and_retry(self, tasks: list[Task], per_task: int, ctx: RolloutContext,
+                           counters: RolloutCounters) -> list[_Pair]:
+        """``per_task`` base trajectories of every task (task-major), a reflection on each, their retries."""
+        base_groups = self.rollout(tasks, per_task, ctx, counters)
+        pairs = [
+            _Pair(task, t, reflection_messages(t, ctx.env.system_prompt()))
+            for task, group in zip(tasks, base_groups)
+            for t in group
+        ]
+        self._reflect(pairs, ctx, counters)
+        self._retry(pairs, ctx, counters)
+        return pairs
 
     def _reflect(self, pairs: list[_Pair], ctx: RolloutContext, counters: RolloutCounters) -> None:
         if self.reflect_on == "failures":
@@ -273,7 +281,7 @@ class R3LExplorer(GroupExplorer):
     def _retry(self, pairs: list[_Pair], ctx: RolloutContext, counters: RolloutCounters) -> None:
         attempts: list[tuple[_Pair, EpisodeState]] = []
         for pair in pairs:
-            if pair.reflection is None or not pair.reflection.wants_retry or pair.base.info.get("error"):
+            if not self._triggers_retry(pair):
                 continue
             counters.add("retries_triggered")
             for _ in range(self.retries_per_base):
@@ -286,6 +294,10 @@ class R3LExplorer(GroupExplorer):
             if pair.retry is None or state.trajectory.reward > pair.retry.reward:
                 pair.retry = state.trajectory
                 pair.pivot = self._pivot(pair)
+
+    def _triggers_retry(self, pair: _Pair) -> bool:
+        """A valid reflection that asks for a retry, of an episode the environment did not crash in."""
+        return pair.reflection is not None and pair.reflection.wants_retry and not pair.base.info.get("error")
 
     def _pivot(self, pair: _Pair) -> int:
         """The turn a retry starts from: the reflection's pivot, or 0 when retrying from scratch."""
@@ -321,14 +333,14 @@ class R3LExplorer(GroupExplorer):
         state.turns = k
         return state
 
-    def _distill(self, pair: _Pair) -> Trajectory:
+    def _distill(self, pair: _Pair, kind: SampleKind = "distill") -> Trajectory:
         """ORIGINAL prefix (no guidance) + the retry's suffix: what the model must learn unaided."""
         retry = pair.retry
         prefix = _prefix_messages(pair.base, pair.pivot)
         suffix = retry.messages[len(prefix) + (0 if pair.pivot == 0 else 1) :]
         distill = copy.copy(retry)
         distill.messages = prefix + suffix
-        distill.kind = "distill"
+        distill.kind = kind
         return distill
 
     def _guided(self, pair: _Pair) -> Trajectory:
@@ -375,6 +387,78 @@ class R3LExplorer(GroupExplorer):
         stats["mean_pivot"] = sum(p.pivot for p in retried) / len(retried) if retried else 0.0
         kinds = [s.kind for g in result.groups for s in g] + [s.kind for s in result.sft]
         for kind in ("base", "distill", "retry", "sft_reflect", "sft_retry"):
+            stats[f"samples_{kind}"] = float(kinds.count(kind))
+        return stats
+
+
+class CritiqueGRPOExplorer(R3LExplorer):
+    """Critique-GRPO exploration (Zhang et al. 2025, arXiv 2506.03106) with the policy as its own critic.
+
+    Per task: ``group_size`` samples from scratch; a critique of each — the policy's reflection on the
+    finished trajectory (an invalid one is counted and skips that refinement); for every valid critique a
+    refinement from scratch with the critique in the system prompt (R³L's retry with pivot 0). The best
+    refinement of the task (highest reward, the first on ties) joins the group as a ``refinement``
+    sample whose context is the ORIGINAL prompt, critique removed. Advantages over the N + 1 rewards
+    (GRPO's by default), every assistant turn trainable, no SFT data. The module trains refinement tokens
+    with policy shaping instead of the importance ratio (``model.shaping_gamma``).
+    """
+
+    def __init__(
+        self,
+        group_size: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        advantage: AdvantageMode = "grpo",
+        reflection_temperature: float = 0.7,
+        reflection_max_new_tokens: int = 512,
+        advantage_scale: float = 1.0,
+        drop_uniform_groups: bool = False,
+        overlong_penalty: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            group_size=group_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            advantage=advantage, reflection_temperature=reflection_temperature,
+            reflection_max_new_tokens=reflection_max_new_tokens, pivotal_credit=False, sft_rule="none",
+            reflect_on="all", retry_from_scratch=True, advantage_scale=advantage_scale,
+            drop_uniform_groups=drop_uniform_groups, overlong_penalty=overlong_penalty, seed=seed,
+        )
+
+    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
+        self._calls += 1
+        counters = RolloutCounters()
+        pairs = self._reflect_and_retry(tasks, self.group_size, ctx, counters)
+        result = ExplorationResult()
+        for i, task in enumerate(tasks):
+            task_pairs = pairs[i * self.group_size : (i + 1) * self.group_size]
+            trajectories = [p.base for p in task_pairs]
+            refined = [p for p in task_pairs if p.retry is not None]
+            if refined:
+                best = max(refined, key=lambda p: p.retry.reward)  # max keeps the first of equal rewards
+                trajectories.append(self._distill(best, kind="refinement"))
+            samples = self.make_group(ctx, trajectories, [0] * len(trajectories), task.task_id, counters)
+            if samples:
+                result.groups.append(samples)
+        result.stats = self._stats(pairs, result, counters)
+        return result
+
+    def _triggers_retry(self, pair: _Pair) -> bool:
+        """Every valid critique is followed by a refinement, whatever outcome it reports."""
+        return pair.reflection is not None and not pair.base.info.get("error")
+
+    def _stats(self, pairs: list[_Pair], result: ExplorationResult, counters: RolloutCounters) -> dict[str, float]:
+        """Base-sample statistics, critique and refinement counts, refinement success rate, sample kinds."""
+        stats = base_stats([p.base.reward for p in pairs], counters)
+        refinements = [p.retry for p in pairs if p.retry is not None]
+        stats["critiques"] = float(sum(p.reflection_response is not None for p in pairs))
+        stats["invalid_critiques"] = float(counters.counts["invalid_reflections"])
+        stats["refinements"] = float(len(refinements))
+        stats["refinement_success_rate"] = (
+            sum(is_success(t.reward) for t in refinements) / len(refinements) if refinements else 0.0
+        )
+        kinds = [s.kind for g in result.groups for s in g]
+        for kind in ("base", "refinement"):
             stats[f"samples_{kind}"] = float(kinds.count(kind))
         return stats
 
