@@ -107,3 +107,23 @@ def test_padding_rows_contribute_nothing(module):
     with_pad = step_loss(module, [samples(), [pad]])
     without = step_loss(module, [samples()])
     torch.testing.assert_close(with_pad, without)
+
+
+def test_critique_grpo_refinement_rows_get_policy_shaping(module):
+    """A refinement row trains on -(1/|τ|) Σ_t Â·π_t/(π_t + γ); a base row keeps REINFORCE (no clip range)."""
+    gamma = 0.1
+    batch = [TrainingSample([5, 6, 7, 8, 9], [0, 0, 1, 1, 1], 1.5, "refinement"),
+             TrainingSample([20, 21, 22], [0, 1, 1], -0.5, "base")]
+    expected = []
+    for s in batch:
+        ids = torch.tensor([s.input_ids])
+        lp = torch.log_softmax(module.policy(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])
+        lp, mask = lp.squeeze(1), torch.tensor(s.loss_mask[1:])
+        per_token = lp.exp() / (lp.exp() + gamma) if s.is_refinement else lp
+        expected.append(-(s.advantage * per_token * mask).sum() / mask.sum())
+    module.hparams.shaping_gamma = gamma
+    try:
+        got = step_loss(module, [batch])
+    finally:
+        module.hparams.shaping_gamma = None
+    torch.testing.assert_close(got, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
