@@ -3,13 +3,14 @@
     python benchmarks/rollout_throughput.py [--model smollm2-135m-instruct] [--prompts 8] [--n 8] [--tokens 128]
     python benchmarks/rollout_throughput.py --device cuda --dtype bfloat16 [--skip-vllm]   # on a GPU
 
-Every sequence generates exactly ``--tokens`` tokens (no end-of-turn id is passed to the engines), so
-the engines do the same work. Prints generated tokens/s of each engine and their ratio, vLLM's
-start-up and weight-sync time, vLLM bf16 vs fp32 (``--bf16-tokens`` > 0, a shorter run: bf16 has
-no native support on AVX2 CPUs), and this machine's decode limit measured in the same run: the plain
+No end-of-turn id is passed to the engines: HF sequences run all ``--tokens`` tokens, vLLM's still
+stop at the model's own EOS (rates are generated tokens per second either way). Prints generated
+tokens/s of each engine and their ratio, vLLM's start-up and weight-sync time in eager and compiled
+(torch.compile) mode, vLLM bf16 vs fp32 (``--bf16-tokens`` > 0, short eager runs: bf16 is native
+only on CPUs with AVX512-BF16/AMX), and this machine's decode limit measured in the same run: the plain
 ``torch.matmul`` FLOP rate at the decode shapes (batch = prompts × n rows through every linear layer
 of the model, lm_head included) divided by 2 × parameters per token. The last line is
-``rollout_fraction_of_limit=<best engine tokens/s ÷ limit>``.
+``rollout_fraction_of_limit=<best engine tokens/s ÷ the limit in that engine's dtype>``.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def timed_generate(engine: RolloutEngine, prompts: list[list[int]], params: Samp
     return generated / elapsed, generated
 
 
-def decode_limit(policy: torch.nn.Module, rows: int, repeats: int = 5) -> float:
-    """Tokens/s if every decode step ran all of the model's linear layers at the measured matmul rate
-    (on the policy's device and dtype)."""
-    device, dtype = next(policy.parameters()).device, next(policy.parameters()).dtype
+def decode_limit(policy: torch.nn.Module, rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Tokens/s if every decode step ran all of the model's linear layers at the matmul rate measured
+    in ``dtype`` on the policy's device."""
+    device = next(policy.parameters()).device
     shapes = [(m.in_features, m.out_features) for m in policy.modules() if isinstance(m, torch.nn.Linear)]
     weights = [torch.randn(i, o, device=device, dtype=dtype) for i, o in shapes]
     inputs = [torch.randn(rows, i, device=device, dtype=dtype) for i, _ in shapes]
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--bf16-tokens", type=int, default=8, help="vLLM bf16 run length (0: skip)")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--vllm-modes", default="eager,compiled", help="vLLM start modes to measure, in order")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (HF engine and the decode limit)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="HF policy dtype")
     args = parser.parse_args()
@@ -94,6 +96,7 @@ def main() -> None:
     rates: dict[str, float] = {}
     hf = HFEngine(max_batch_size=args.prompts * args.n)
     hf.bind(policy, tokenizer, never)
+    dtypes: dict[str, str] = {"hf": args.dtype}  # the compute dtype of each measured engine
     rates["hf"], generated = timed_generate(hf, prompts, params)
     print(f"hf   {args.dtype} on {args.device}: {rates['hf']:.1f} tokens/s ({generated} tokens)")
 
@@ -101,40 +104,45 @@ def main() -> None:
         try:
             from r3l_lightning.engines.vllm import VLLMEngine
 
-            engine = VLLMEngine(kv_cache_gib=2, max_model_len=2048)
-            engine.bind(policy, tokenizer, [])
-            start = time.perf_counter()
-            engine.generate(prompts[:1], SamplingParams(1.0, 1.0, 1, 1, 0))  # creates the engine (+ first sync)
-            print(f"vllm start-up (incl. first sync): {time.perf_counter() - start:.1f} s")
-            rates["vllm"], generated = timed_generate(engine, prompts, params)
-            print(f"vllm fp32: {rates['vllm']:.1f} tokens/s ({generated} tokens)")
-            syncs = []
-            for _ in range(3):
+            for mode in args.vllm_modes.split(","):
+                engine = VLLMEngine(kv_cache_gib=2, max_model_len=2048, enforce_eager=mode == "eager")
+                engine.bind(policy, tokenizer, [])
                 start = time.perf_counter()
-                engine.sync_weights()
-                syncs.append(time.perf_counter() - start)
-            print(f"vllm weight sync ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f} M params, in-process "
-                  f"stream): best {min(syncs):.2f} s of {len(syncs)}")
-            print(f"vllm/hf ratio: {rates['vllm'] / rates['hf']:.2f}")
+                engine.generate(prompts[:1], SamplingParams(1.0, 1.0, 1, 1, 0))  # creates the engine (+ first sync)
+                print(f"vllm {mode}: start-up (incl. first sync) {time.perf_counter() - start:.1f} s")
+                rates[f"vllm_{mode}"], generated = timed_generate(engine, prompts, params)
+                dtypes[f"vllm_{mode}"] = engine._engine_dtype()
+                print(f"vllm {mode} {engine._engine_dtype()}: {rates[f'vllm_{mode}']:.1f} tokens/s ({generated} tokens); "
+                      f"vllm/hf ratio {rates[f'vllm_{mode}'] / rates['hf']:.2f}")
+                syncs = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    engine.sync_weights()
+                    syncs.append(time.perf_counter() - start)
+                print(f"vllm {mode} weight sync ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f} M params, "
+                      f"in-process stream): best {min(syncs):.2f} s of {len(syncs)}")
+                engine.close()
             if args.bf16_tokens > 0:
                 short = SamplingParams(1.0, 1.0, args.bf16_tokens, args.n, 0)
-                fp32_short, _ = timed_generate(engine, prompts, short)
-                engine.close()
-                bf16 = VLLMEngine(kv_cache_gib=2, max_model_len=2048, dtype="bfloat16")
-                bf16.bind(policy, tokenizer, [])
-                bf16_short, _ = timed_generate(bf16, prompts, short)
-                bf16.close()
-                print(f"vllm {args.bf16_tokens}-token run: fp32 {fp32_short:.1f} tokens/s, bf16 {bf16_short:.1f} "
-                      f"tokens/s (bf16/fp32 {bf16_short / fp32_short:.2f})")
-            engine.close()
+                shorts = {}
+                for dtype in ("float32", "bfloat16"):
+                    engine = VLLMEngine(kv_cache_gib=2, max_model_len=2048, dtype=dtype, enforce_eager=True)
+                    engine.bind(policy, tokenizer, [])
+                    shorts[dtype], _ = timed_generate(engine, prompts, short)
+                    engine.close()
+                print(f"vllm eager {args.bf16_tokens}-token runs: fp32 {shorts['float32']:.1f} tokens/s, bf16 "
+                      f"{shorts['bfloat16']:.1f} tokens/s (bf16/fp32 {shorts['bfloat16'] / shorts['float32']:.2f})")
         except ImportError as err:
             print(f"vllm: skipped ({err})")
 
-    limit = decode_limit(policy, args.prompts * args.n)
-    print(f"decode limit: {limit:.1f} tokens/s")
-    best = max(rates, key=rates.get)
-    print(f"best engine: {best}; load average after: {os.getloadavg()}")
-    print(f"rollout_fraction_of_limit={rates[best] / limit:.3f}")
+    rows = args.prompts * args.n
+    limits = {dtype: decode_limit(policy, rows, getattr(torch, dtype)) for dtype in sorted(set(dtypes.values()))}
+    for dtype, limit in limits.items():
+        print(f"decode limit ({dtype}): {limit:.1f} tokens/s")
+    fractions = {name: rate / limits[dtypes[name]] for name, rate in rates.items()}
+    best = max(fractions, key=fractions.get)
+    print(f"best engine: {best} ({dtypes[best]}); load average after: {os.getloadavg()}")
+    print(f"rollout_fraction_of_limit={fractions[best]:.3f}")
 
 
 if __name__ == "__main__":

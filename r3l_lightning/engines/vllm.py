@@ -132,7 +132,9 @@ class VLLMEngine(RolloutEngine):
         seed: the engine's seed (requests get ``params.seed + prompt index`` when a seed is given).
         in_process: run vLLM's engine core in this process (see the module docstring).
         sync_bucket_mib: bucket size of the cross-process weight transport (``in_process=False``).
-        enforce_eager: skip vLLM's torch.compile warm-up (faster start, slower decode; tests).
+        enforce_eager: skip vLLM's torch.compile / CUDA-graph warm-up. ``None`` (default): eager on
+            CPU (measured for the main job: ~10 s start-up instead of ~110 s, exploration 17 s instead
+            of 12 s per epoch, so compiling pays off only after ~15 such epochs), compiled on GPUs.
         engine_kwargs: extra ``vllm.LLM`` keyword arguments (e.g. ``distributed_executor_backend``).
     """
 
@@ -149,7 +151,7 @@ class VLLMEngine(RolloutEngine):
         seed: int = 0,
         in_process: bool = True,
         sync_bucket_mib: float = 64.0,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if sync_every < 1:
@@ -223,7 +225,7 @@ class VLLMEngine(RolloutEngine):
             seed=self.seed,
             worker_extension_cls=_EXTENSION,
             logprobs_mode="processed_logprobs",
-            enforce_eager=self.enforce_eager,
+            enforce_eager=self.enforce_eager if self.enforce_eager is not None else not self._on_gpu(),
         )
         if gpu:
             kwargs.update(tensor_parallel_size=self.tensor_parallel_size,
