@@ -10,6 +10,7 @@ from typing import Callable
 import lightning as L
 import torch
 import torch.distributed as dist
+import lightning.pytorch.strategies.fsdp as lightning_fsdp
 from lightning.pytorch.strategies import FSDPStrategy
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
@@ -145,7 +146,26 @@ class FixedExplorer(GroupExplorer):
 
 class CPUFSDPStrategy(FSDPStrategy):
     """Lightning's ``FSDPStrategy`` (FSDP1) on CPU over gloo. Lightning refuses the class itself without
-    a GPU by an exact-type check; the FSDP1 code path (wrapping, gathers, clipping) is the same."""
+    a GPU by an exact-type check; the FSDP1 code path (wrapping, gathers, clipping) is the same.
+
+    Checkpoints: Lightning gathers full state dicts with ``offload_to_cpu=True``, which on CPU-resident
+    FSDP1 parameters frees the storage the cloned views still read (segfault in torch's
+    ``_full_post_state_dict_hook``); on CPU there is nothing to offload, so this double gathers without it.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        lightning_fsdp._get_full_state_dict_context = _full_state_dict_context_without_offload
+
+
+def _full_state_dict_context_without_offload(module, world_size: int, rank0_only: bool = True):
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.api import FullOptimStateDictConfig
+
+    return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
 
 
 class SignallingExplorer(R3LExplorer):

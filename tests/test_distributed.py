@@ -60,3 +60,24 @@ def test_sharded_run_matches_a_single_process_run_on_the_same_data(tmp_path, str
     for key in single:
         torch.testing.assert_close(sharded[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
     assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-5  # it trained
+
+
+def _exported(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = max(run_dir.glob("runs/smoke/**/hf_model/model.safetensors"), key=lambda p: p.stat().st_mtime)
+    return load_file(latest)
+
+
+def test_fsdp1_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    resumed.mkdir()
+    fit(straight, "--trainer.devices", "2", *FSDP1, "--trainer.max_epochs", "2")
+    fit(resumed, "--trainer.devices", "2", *FSDP1, "--trainer.max_epochs", "1")
+    after_one_epoch = _exported(resumed)
+    proc = fit(resumed, "--trainer.devices", "2", *FSDP1, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
+    expected, got = _exported(straight), _exported(resumed)
+    assert set(expected) == set(got)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert max((got[k] - after_one_epoch[k]).abs().max().item() for k in got) > 1e-6  # epoch 2 trained after resuming
