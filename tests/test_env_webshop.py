@@ -38,9 +38,10 @@ ITEM = (f"Instruction: [SEP] {INSTRUCTION} [SEP] Back to Search [SEP] < Prev [SE
 DONE = "Thank you for shopping with us! [SEP] Your score (min 0.0, max 1.0) [SEP] 0.75"
 PAGES = {
     "start": (START, {"has_search_bar": True, "clickables": ["search"]}),
-    "results": (RESULTS, {"has_search_bar": False, "clickables": ["back to search", "next >", "b000red001", "b000blu002"]}),
-    "item": (ITEM, {"has_search_bar": False,
-                    "clickables": ["back to search", "< prev", "description", "features", "reviews", "buy now", "8", "9"]}),
+    "results": (RESULTS, {"has_search_bar": False,
+                          "clickables": ["back to search", "next >", "b000red001", "b000blu002"]}),
+    "item": (ITEM, {"has_search_bar": False, "clickables": ["back to search", "< prev", "description", "features",
+                                                             "reviews", "buy now", "8", "9"]}),
 }
 # (page, lower-cased action) -> next page; anything else leaves the page as it is (like WebShop).
 MOVES = {("start", "search[red running shoes]"): "results", ("results", "click[b000red001]"): "item",
