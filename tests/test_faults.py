@@ -8,6 +8,7 @@ import torch
 
 from r3l_lightning.cli import cli_main
 from r3l_lightning.engines.base import SamplingParams
+from r3l_lightning.envs.base import StepResult
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
 from r3l_lightning.models import TINY_RANDOM, load_policy
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
@@ -47,6 +48,23 @@ def test_a_hung_environment_step_ends_only_that_episode(tiny_chat):
     assert [s.trajectory.reward for s in states] == [0.0, 1.0]
     assert "step_timeout_s" in states[0].trajectory.feedback
     assert counters.counts["env_errors"] == 1
+
+
+class ReportingEnv(GuessEnv):
+    """A backend failure the environment catches itself: done, reward 0, ``info["error"]``."""
+
+    def make_episode(self, task):
+        episode = super().make_episode(task)
+        episode.step = lambda action: StepResult("server unreachable", 0.0, True, {"error": "connection refused"})
+        return episode
+
+
+def test_an_error_the_environment_reports_is_counted_and_marks_the_trajectory(tiny_chat):
+    engine = ScriptedEngine(lambda p: "apple", tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    states, counters = _run(ReportingEnv(max_turns=3), engine, tiny_chat, n=2)
+    assert [s.trajectory.reward for s in states] == [0.0, 0.0]
+    assert [s.trajectory.info["error"] for s in states] == ["connection refused"] * 2  # no reflect-retry on these
+    assert counters.counts["env_errors"] == 2
 
 
 def test_a_prompt_beyond_the_engine_context_ends_the_episode_with_feedback(tiny_chat):

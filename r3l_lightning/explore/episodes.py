@@ -147,8 +147,9 @@ def run_episodes(
             except Exception as err:  # noqa: BLE001 - an env crash costs one episode, not the run
                 _fail(state, counters, f"environment error on step: {err!r}")
                 continue
-            if result.info.get("error"):
+            if result.info.get("error"):  # the environment ended the episode itself (a dead simulator, a server)
                 counters.add("env_errors")
+                state.trajectory.info["error"] = str(result.info["error"])
             if result.done or state.turns >= ctx.env.max_turns:
                 _finish(state, result.reward, _safe_feedback(state))
                 continue
