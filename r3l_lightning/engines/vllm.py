@@ -225,7 +225,7 @@ class VLLMEngine(RolloutEngine):
             seed=self.seed,
             worker_extension_cls=_EXTENSION,
             logprobs_mode="processed_logprobs",
-            enforce_eager=self.enforce_eager if self.enforce_eager is not None else not self._on_gpu(),
+            enforce_eager=self.enforce_eager if self.enforce_eager is not None else not gpu,
         )
         if gpu:
             kwargs.update(tensor_parallel_size=self.tensor_parallel_size,
