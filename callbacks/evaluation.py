@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 
 from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
-from r3l_lightning.explore.explorers import is_success
+from r3l_lightning.explore.base import is_success
 from r3l_lightning.callbacks.exploration import rollout_context
 
 

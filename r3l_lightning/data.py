@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from r3l_lightning.envs.base import Environment, Task, TaskSource
-from r3l_lightning.explore.explorers import Explorer, R3LExplorer
+from r3l_lightning.explore.base import Explorer
+from r3l_lightning.explore.r3l import R3LExplorer
 from r3l_lightning.trajectory import TrainingSample
 
 MicroBatch = dict[str, torch.Tensor]

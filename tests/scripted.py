@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
 from r3l_lightning.envs.base import Environment, Episode, StepResult, Task, TaskSource
-from r3l_lightning.explore.explorers import GroupExplorer, R3LExplorer
+from r3l_lightning.explore import GroupExplorer, R3LExplorer
 
 
 class ScriptedEngine(RolloutEngine):
@@ -124,7 +124,7 @@ class FixedExplorer(GroupExplorer):
     sequences of rank-dependent lengths, so ranks are out of step while generating."""
 
     def explore(self, tasks, ctx):
-        from r3l_lightning.explore.explorers import ExplorationResult
+        from r3l_lightning.explore import ExplorationResult
         from r3l_lightning.trajectory import TrainingSample
 
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

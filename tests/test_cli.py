@@ -13,7 +13,7 @@ import yaml
 
 from r3l_lightning.checkpoint_io import AtomicCheckpointIO
 from r3l_lightning.cli import cli_main
-from r3l_lightning.explore.explorers import ExplorationResult, GroupExplorer
+from r3l_lightning.explore import ExplorationResult, GroupExplorer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke" / "tiny.yaml"

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from r3l_lightning.explore.episodes import RolloutContext
-from r3l_lightning.explore.explorers import CritiqueGRPOExplorer, GroupExplorer, R3LExplorer
+from r3l_lightning.explore import CritiqueGRPOExplorer, GroupExplorer, R3LExplorer
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
 
 REFLECTION = {
@@ -214,7 +214,7 @@ def test_overlong_penalty_lowers_the_reward_of_truncated_trajectories(tiny_chat)
 
 
 def test_raft_keeps_only_successes_as_sft(tiny_chat):
-    from r3l_lightning.explore.explorers import RAFTExplorer
+    from r3l_lightning.explore import RAFTExplorer
 
     answers = iter(["apple", "pear", "pear", "apple"])
     engine = ScriptedEngine(lambda p: next(answers), tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)

@@ -74,8 +74,10 @@ def test_accumulation_over_uneven_micro_batches_equals_one_big_batch(module):
         loss.backward()  # as training_step does: one backward per micro-batch
         total += loss.item()
     torch.testing.assert_close(torch.tensor(total), one.detach(), rtol=1e-5, atol=1e-6)
+    # fp32 kernels block differently for different padded widths: a wrong denominator is off by a
+    # factor, float reordering by ~1e-5 of the gradients' scale (measured on AMX machines)
     for g1, p in zip(grads_one, module.policy.parameters()):
-        torch.testing.assert_close(p.grad, g1, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad, g1, rtol=1e-3, atol=5e-5)
     module.policy.zero_grad()
 
 

@@ -1,164 +1,33 @@
-"""Explorers turn a batch of tasks into exploration groups (RL samples with advantages) and SFT samples.
+"""``R3LExplorer``: reflect-then-retry exploration (spec section 1, the paper's Algorithm 1).
 
-- :class:`GroupExplorer`: N samples per task from the current policy (GRPO and "R³L w/o reflect-retry").
-- :class:`R3LExplorer`: N/2 base samples, reflection on each, retry from the pivot with guidance,
-  distill samples (guidance removed), pivot masks, SFT samples from verified corrections.
-- :class:`CritiqueGRPOExplorer`: N samples, a critique (reflection) of each, a critique-guided
-  refinement from scratch, the best refinement added to the group without its critique.
+For every task:
 
-Users swap exploration by subclassing :class:`Explorer` and pointing the config at their class.
+1. roll out N/2 base trajectories from the current policy;
+2. the policy reflects on each one (a JSON report: outcome, root cause, pivot step k);
+3. a valid report that asks for a retry restores the environment to turn k (replaying the base
+   trajectory's first k actions) and the policy retries from there with the report as guidance;
+4. the group is base ∪ distill, a distill sample being the base prefix before k plus the retry's
+   suffix with the guidance REMOVED; both get the pivot mask (turns before k are context only);
+5. verified corrections (R' > R) also yield SFT samples: the reflection, and the guided retry.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from r3l_lightning.advantages import AdvantageMode, group_advantages
+from r3l_lightning.advantages import AdvantageMode
 from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.envs.base import Task
-from r3l_lightning.explore.episodes import (
-    EpisodeState,
-    RolloutContext,
-    RolloutCounters,
-    run_episodes,
-    start_episode,
-)
-from r3l_lightning.explore.reflection import (
-    Reflection,
-    guidance_text,
-    parse_reflection,
-    reflection_messages,
-)
+from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
+from r3l_lightning.explore.episodes import EpisodeState, RolloutContext, RolloutCounters, run_episodes, start_episode
+from r3l_lightning.explore.group import GroupExplorer
+from r3l_lightning.explore.reflection import Reflection, guidance_text, parse_reflection, reflection_messages
 from r3l_lightning.trajectory import Message, SampleKind, TrainingSample, Trajectory, make_sample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExplorationResult:
-    """What one exploration phase hands to the DataModule: RL groups, SFT samples and statistics."""
-
-    groups: list[list[TrainingSample]] = field(default_factory=list)
-    sft: list[TrainingSample] = field(default_factory=list)
-    stats: dict[str, float] = field(default_factory=dict)
-
-
-class Explorer(ABC):
-    """Produces training data for a batch of tasks with the current policy."""
-
-    @abstractmethod
-    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
-        """Roll out ``tasks`` and return groups of RL samples (one group per task) and SFT samples."""
-
-    def state_dict(self) -> dict:
-        """What a resumed run needs to continue exactly (saved in checkpoints by the DataModule)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`."""
-
-
-def is_success(reward: float) -> bool:
-    return reward >= 1.0
-
-
-class GroupExplorer(Explorer):
-    """``group_size`` independent samples per task; advantages per group (GRPO-style exploration)."""
-
-    def __init__(
-        self,
-        group_size: int = 8,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_new_tokens: int = 256,
-        advantage: AdvantageMode = "grpo",
-        alpha: float = 3.0,
-        advantage_scale: float = 1.0,
-        drop_uniform_groups: bool = False,
-        overlong_penalty: float = 0.0,
-        seed: int = 0,
-    ) -> None:
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        self.group_size = group_size
-        self.sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        self.advantage = advantage
-        self.alpha = alpha
-        self.advantage_scale = advantage_scale
-        self.drop_uniform_groups = drop_uniform_groups
-        self.overlong_penalty = overlong_penalty
-        self.seed = seed
-        self._calls = 0
-
-    def make_group(self, ctx: RolloutContext, trajectories: list[Trajectory], pivots: list[int], group_id: str,
-                   counters: RolloutCounters) -> list[TrainingSample]:
-        """RL samples of one group, or none when ``drop_uniform_groups`` and all rewards are equal."""
-        rewards = [t.reward - (self.overlong_penalty if t.info.get("truncated") else 0.0) for t in trajectories]
-        if self.drop_uniform_groups and len(set(rewards)) <= 1:
-            counters.add("groups_dropped")
-            return []
-        advantages = group_advantages(rewards, mode=self.advantage, alpha=self.alpha) * self.advantage_scale
-        return [
-            make_sample(ctx.chat.tokenize(t.messages), a, t.kind, first_trainable_turn=p, group_id=group_id)
-            for t, a, p in zip(trajectories, advantages.tolist(), pivots)
-        ]
-
-    def state_dict(self) -> dict:
-        return {"calls": self._calls}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._calls = state.get("calls", 0)
-
-    def _params(self, base: SamplingParams, offset: int = 0) -> SamplingParams:
-        """Sampling params with a fresh seed per call (reproducible from ``seed``)."""
-        return SamplingParams(base.temperature, base.top_p, base.max_new_tokens, 1, self.seed + 1000 * self._calls + offset)
-
-    def rollout(self, tasks: list[Task], per_task: int, ctx: RolloutContext, counters: RolloutCounters) -> list[list[Trajectory]]:
-        """``per_task`` base trajectories for every task, all stepped together."""
-        states = [start_episode(ctx, task, counters) for task in tasks for _ in range(per_task)]
-        run_episodes(ctx, states, self._params(self.sampling), counters, "tokens_base")
-        return [[s.trajectory for s in states[i * per_task : (i + 1) * per_task]] for i in range(len(tasks))]
-
-    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
-        self._calls += 1
-        counters = RolloutCounters()
-        groups = self.rollout(tasks, self.group_size, ctx, counters)
-        result = ExplorationResult()
-        for task, group in zip(tasks, groups):
-            samples = self.make_group(ctx, group, [0] * len(group), task.task_id, counters)
-            if samples:
-                result.groups.append(samples)
-        rewards = [t.reward for g in groups for t in g]
-        result.stats = base_stats(rewards, counters)
-        result.stats["samples_base"] = float(len(rewards))
-        return result
-
-
-class RAFTExplorer(GroupExplorer):
-    """RAFT: ``group_size`` samples per task; successful trajectories become SFT samples, nothing else."""
-
-    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
-        self._calls += 1
-        counters = RolloutCounters()
-        trajectories = [t for group in self.rollout(tasks, self.group_size, ctx, counters) for t in group]
-        result = ExplorationResult()
-        result.sft = [make_sample(ctx.chat.tokenize(t.messages), 1.0, "sft_success", 0, t.task_id)
-                      for t in trajectories if is_success(t.reward)]
-        result.stats = base_stats([t.reward for t in trajectories], counters)
-        result.stats["samples_sft_success"] = float(len(result.sft))
-        return result
-
-
-def base_stats(rewards: list[float], counters: RolloutCounters) -> dict[str, float]:
-    stats = {k: float(v) for k, v in counters.counts.items()}
-    n = max(len(rewards), 1)
-    stats["base_reward_mean"] = sum(rewards) / n
-    stats["base_success_rate"] = sum(is_success(r) for r in rewards) / n
-    return stats
 
 
 @dataclass
@@ -387,78 +256,6 @@ class R3LExplorer(GroupExplorer):
         stats["mean_pivot"] = sum(p.pivot for p in retried) / len(retried) if retried else 0.0
         kinds = [s.kind for g in result.groups for s in g] + [s.kind for s in result.sft]
         for kind in ("base", "distill", "retry", "sft_reflect", "sft_retry"):
-            stats[f"samples_{kind}"] = float(kinds.count(kind))
-        return stats
-
-
-class CritiqueGRPOExplorer(R3LExplorer):
-    """Critique-GRPO exploration (Zhang et al. 2025, arXiv 2506.03106) with the policy as its own critic.
-
-    Per task: ``group_size`` samples from scratch; a critique of each — the policy's reflection on the
-    finished trajectory (an invalid one is counted and skips that refinement); for every valid critique a
-    refinement from scratch with the critique in the system prompt (R³L's retry with pivot 0). The best
-    refinement of the task (highest reward, the first on ties) joins the group as a ``refinement``
-    sample whose context is the ORIGINAL prompt, critique removed. Advantages over the N + 1 rewards
-    (GRPO's by default), every assistant turn trainable, no SFT data. The module trains refinement tokens
-    with policy shaping instead of the importance ratio (``model.shaping_gamma``).
-    """
-
-    def __init__(
-        self,
-        group_size: int = 8,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_new_tokens: int = 256,
-        advantage: AdvantageMode = "grpo",
-        reflection_temperature: float = 0.7,
-        reflection_max_new_tokens: int = 512,
-        advantage_scale: float = 1.0,
-        drop_uniform_groups: bool = False,
-        overlong_penalty: float = 0.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            group_size=group_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            advantage=advantage, reflection_temperature=reflection_temperature,
-            reflection_max_new_tokens=reflection_max_new_tokens, pivotal_credit=False, sft_rule="none",
-            reflect_on="all", retry_from_scratch=True, advantage_scale=advantage_scale,
-            drop_uniform_groups=drop_uniform_groups, overlong_penalty=overlong_penalty, seed=seed,
-        )
-
-    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
-        self._calls += 1
-        counters = RolloutCounters()
-        pairs = self._reflect_and_retry(tasks, self.group_size, ctx, counters)
-        result = ExplorationResult()
-        for i, task in enumerate(tasks):
-            task_pairs = pairs[i * self.group_size : (i + 1) * self.group_size]
-            trajectories = [p.base for p in task_pairs]
-            refined = [p for p in task_pairs if p.retry is not None]
-            if refined:
-                best = max(refined, key=lambda p: p.retry.reward)  # max keeps the first of equal rewards
-                trajectories.append(self._distill(best, kind="refinement"))
-            samples = self.make_group(ctx, trajectories, [0] * len(trajectories), task.task_id, counters)
-            if samples:
-                result.groups.append(samples)
-        result.stats = self._stats(pairs, result, counters)
-        return result
-
-    def _triggers_retry(self, pair: _Pair) -> bool:
-        """Every valid critique is followed by a refinement, whatever outcome it reports."""
-        return pair.reflection is not None and not pair.base.info.get("error")
-
-    def _stats(self, pairs: list[_Pair], result: ExplorationResult, counters: RolloutCounters) -> dict[str, float]:
-        """Base-sample statistics, critique and refinement counts, refinement success rate, sample kinds."""
-        stats = base_stats([p.base.reward for p in pairs], counters)
-        refinements = [p.retry for p in pairs if p.retry is not None]
-        stats["critiques"] = float(sum(p.reflection_response is not None for p in pairs))
-        stats["invalid_critiques"] = float(counters.counts["invalid_reflections"])
-        stats["refinements"] = float(len(refinements))
-        stats["refinement_success_rate"] = (
-            sum(is_success(t.reward) for t in refinements) / len(refinements) if refinements else 0.0
-        )
-        kinds = [s.kind for g in result.groups for s in g]
-        for kind in ("base", "refinement"):
             stats[f"samples_{kind}"] = float(kinds.count(kind))
         return stats
 

@@ -1,0 +1,24 @@
+"""``RAFTExplorer``: reward-ranked fine-tuning — successful samples become SFT data, nothing else."""
+
+from __future__ import annotations
+
+from r3l_lightning.envs.base import Task
+from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
+from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters
+from r3l_lightning.explore.group import GroupExplorer
+from r3l_lightning.trajectory import make_sample
+
+
+class RAFTExplorer(GroupExplorer):
+    """RAFT: ``group_size`` samples per task; successful trajectories become SFT samples, nothing else."""
+
+    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
+        self._calls += 1
+        counters = RolloutCounters()
+        trajectories = [t for group in self.rollout(tasks, self.group_size, ctx, counters) for t in group]
+        result = ExplorationResult()
+        result.sft = [make_sample(ctx.chat.tokenize(t.messages), 1.0, "sft_success", 0, t.task_id)
+                      for t in trajectories if is_success(t.reward)]
+        result.stats = base_stats([t.reward for t in trajectories], counters)
+        result.stats["samples_sft_success"] = float(len(result.sft))
+        return result
