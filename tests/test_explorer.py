@@ -200,8 +200,8 @@ def test_overlong_penalty_lowers_the_reward_of_truncated_trajectories(tiny_chat)
     from r3l_lightning.engines.base import Completion
 
     class Truncating(ScriptedEngine):
-        def generate(self, prompts, params):
-            out = super().generate(prompts, params)
+        def generate(self, prompts, params, json_schemas=None):
+            out = super().generate(prompts, params, json_schemas)
             return [[Completion(c.token_ids[:-1], c.logprobs[:-1], "length") for c in o] if i == 0 else o
                     for i, o in enumerate(out)]
 

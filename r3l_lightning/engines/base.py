@@ -47,8 +47,16 @@ class RolloutEngine(ABC):
         self.eos_token_ids = list(eos_token_ids)
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """For every prompt (token ids), ``params.n`` completions."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, json_schemas: list[dict | None] | None = None
+    ) -> list[list[Completion]]:
+        """For every prompt (token ids), ``params.n`` completions.
+
+        ``json_schemas`` (one per prompt, ``None`` for an unconstrained prompt): decode that prompt's
+        completions under the JSON schema (compact separators ``", "`` and ``": "``, no other
+        whitespace between tokens), so that the text is a JSON document the schema accepts unless the
+        token budget runs out first. Both built-in engines use xgrammar for it.
+        """
 
     def sync_weights(self) -> None:
         """Make the engine sample from the policy's current weights (no-op when it IS the policy)."""

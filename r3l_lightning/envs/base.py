@@ -66,10 +66,13 @@ class Environment(ABC):
 
     ``step_timeout_s``: a reset or step that takes longer ends its episode with reward 0 (counted);
     ``None`` waits forever (environments that enforce their own timeout, like ScienceWorld's).
+    ``max_reward``: the reward of a solved task (a reflection on a trajectory below it may not call it a
+    success; see :func:`~r3l_lightning.explore.reflection.report_schema`).
     """
 
     max_turns: int = 1
     step_timeout_s: float | None = None
+    max_reward: float = 1.0
 
     @abstractmethod
     def system_prompt(self) -> str:

@@ -24,7 +24,13 @@ from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
 from r3l_lightning.explore.episodes import EpisodeState, RolloutContext, RolloutCounters, run_episodes, start_episode
 from r3l_lightning.explore.group import GroupExplorer
-from r3l_lightning.explore.reflection import Reflection, guidance_text, parse_reflection, reflection_messages
+from r3l_lightning.explore.reflection import (
+    Reflection,
+    guidance_text,
+    parse_reflection,
+    reflection_messages,
+    report_schema,
+)
 from r3l_lightning.trajectory import Message, SampleKind, TrainingSample, Trajectory, make_sample
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,15 @@ class R3LExplorer(GroupExplorer):
     Reflect-GRPO is this explorer with ``reflect_on="failures"``, ``retry_from_scratch=True`` (the
     guidance goes into the system prompt, pivot 0), ``distill=False`` (the guided retry itself is the
     RL sample), ``pivotal_credit=False`` and ``sft_rule="none"``.
+
+    ``reflection_decoding``: ``schema`` (default) decodes every reflection under the JSON schema of a
+    valid report for that trajectory (:func:`~r3l_lightning.explore.reflection.report_schema`: all fields,
+    a pivot in [0, K−1], an outcome the reward allows, free-text fields of at most
+    ``reflection_field_max_chars`` characters), so that any model writes parseable reports; ``free`` is
+    the paper's unconstrained decoding, whose invalid reports are counted and skipped.
+    ``reflection_field_max_chars=None`` sizes the free-text fields to the token budget:
+    ``reflection_max_new_tokens − 64`` characters each (the JSON skeleton takes ~50 tokens and text runs
+    at ≥ 3 characters per token, so three full fields still fit).
     """
 
     def __init__(
@@ -67,6 +82,8 @@ class R3LExplorer(GroupExplorer):
         alpha: float = 3.0,
         reflection_temperature: float = 0.7,
         reflection_max_new_tokens: int = 512,
+        reflection_decoding: Literal["schema", "free"] = "schema",
+        reflection_field_max_chars: int | None = None,
         retries_per_base: int = 1,
         pivotal_credit: bool = True,
         sft_rule: Literal["paper", "reference", "none"] = "paper",
@@ -83,7 +100,14 @@ class R3LExplorer(GroupExplorer):
                          drop_uniform_groups, overlong_penalty, seed)
         if group_size < 2:
             raise ValueError(f"R3LExplorer needs group_size >= 2 (N/2 base + N/2 retries), got {group_size}")
+        if reflection_decoding not in ("schema", "free"):
+            raise ValueError(f"reflection_decoding must be 'schema' or 'free', got {reflection_decoding!r}")
         self.reflection_sampling = SamplingParams(reflection_temperature, top_p, reflection_max_new_tokens)
+        self.reflection_decoding = reflection_decoding
+        self.reflection_field_max_chars = (
+            reflection_field_max_chars if reflection_field_max_chars is not None
+            else max(16, reflection_max_new_tokens - 64)
+        )
         self.retries_per_base = retries_per_base
         self.pivotal_credit = pivotal_credit
         self.sft_rule = sft_rule
@@ -134,7 +158,11 @@ class R3LExplorer(GroupExplorer):
         if not pairs:
             return
         prompts = [ctx.chat.prompt_ids(p.reflection_messages) for p in pairs]
-        outputs = ctx.engine.generate(prompts, self._params(self.reflection_sampling, 1))
+        schemas = None
+        if self.reflection_decoding == "schema":
+            schemas = [report_schema(p.base.num_turns, p.base.reward, ctx.env.max_reward, self.reflection_field_max_chars)
+                       if p.base.num_turns > 0 else None for p in pairs]
+        outputs = ctx.engine.generate(prompts, self._params(self.reflection_sampling, 1), json_schemas=schemas)
         if ctx.progress is not None:
             ctx.progress(len(prompts))
         for pair, (completion,) in zip(pairs, outputs):

@@ -1,4 +1,5 @@
-"""Reflection: the prompt the policy diagnoses its own trajectory with, its JSON parser, and the guidance."""
+"""Reflection: the prompt the policy diagnoses its own trajectory with, the JSON schema its report is decoded
+under, the report's parser, and the guidance a retry receives."""
 
 from __future__ import annotations
 
@@ -31,6 +32,49 @@ Answer with ONE JSON object and nothing else, with exactly these fields:
 GUIDANCE_TEMPLATE = """Your previous attempt at this task had issues. A review of it found:
 {report}
 Apply these lessons in your next responses. Do not mention this guidance or the previous attempt."""
+
+
+def report_schema(num_turns: int, reward: float, max_reward: float = 1.0, max_chars: int = 200) -> dict:
+    """JSON schema of a report that :func:`parse_reflection` accepts for this trajectory.
+
+    It encodes the report's rules so that a constrained decoder can only write a valid report:
+
+    - every field present, in the spec's order, and no other field;
+    - ``retry_from_step`` is one of 0 … K−1 (K = ``num_turns``), null iff the outcome is ``success``;
+    - ``improvement_suggestion`` is a non-empty string, null iff the outcome is ``success``;
+    - the outcome is limited by the reward: below ``max_reward`` it is ``failure`` (a trajectory that did not
+      reach the task's maximum reward cannot be called a success, efficient or not); at ``max_reward`` it is
+      ``success`` or ``success_but_inefficient`` (the latter asks for a retry, like a failure);
+    - free-text fields hold 1 to ``max_chars`` characters, so that the report fits the token budget.
+    """
+    if num_turns < 1:
+        raise ValueError(f"a report needs a trajectory with at least one step, got num_turns={num_turns}")
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    text = {"type": "string", "minLength": 1, "maxLength": max_chars}
+    steps = {"type": "integer", "enum": list(range(num_turns))}
+
+    def report(outcome: str, root_cause: dict, suggestion: dict, step: dict) -> dict:
+        return {
+            "type": "object",
+            "properties": {
+                "trajectory_summary": text,
+                "root_cause_analysis": root_cause,
+                "trajectory_outcome": {"type": "string", "enum": [outcome]},
+                "improvement_suggestion": suggestion,
+                "retry_from_step": step,
+            },
+            "required": list(FIELDS),
+            "additionalProperties": False,
+        }
+
+    if reward < max_reward:
+        return report("failure", text, text, steps)
+    null = {"type": "null"}
+    return {"anyOf": [
+        report("success", {"anyOf": [text, null]}, null, null),
+        report("success_but_inefficient", text, text, steps),
+    ]}
 
 
 @dataclass
@@ -75,8 +119,8 @@ def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end <= start:
         return None, "no_json"
-    try:
-        report = json.loads(text[start : end + 1])
+    try:  # strict=False: a raw control character inside a string (constrained decoders allow it) is kept
+        report = json.loads(text[start : end + 1], strict=False)
     except json.JSONDecodeError:
         return None, "invalid_json"
     if not isinstance(report, dict):
