@@ -129,3 +129,34 @@ def test_critique_grpo_refinement_rows_get_policy_shaping(module):
     finally:
         module.hparams.shaping_gamma = None
     torch.testing.assert_close(got, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+
+
+class _TwoRankStrategy:
+    """Stands in for a 2-rank strategy: ``reduce(sum)`` adds the other rank's step counts."""
+
+    def __init__(self, other_rank: torch.Tensor) -> None:
+        self.other_rank = other_rank
+
+    def reduce(self, tensor, reduce_op):
+        assert reduce_op == "sum"
+        return tensor + self.other_rank
+
+
+class _TwoRankTrainer:
+    world_size = 2
+
+    def __init__(self, other_rank: torch.Tensor) -> None:
+        self.strategy = _TwoRankStrategy(other_rank)
+
+
+def test_step_denominators_are_summed_over_ranks(module):
+    """Each rank divides by (global count / world size): DDP then averages the ranks' gradients."""
+    # this rank: RL rows with a trainable token = 3 (the sft_retry row is not RL); SFT tokens = 2
+    # the other rank: 5 RL rows, 6 SFT tokens → global (8, 8) → per rank (8/2, 8/2) = (4, 4)
+    batch = [collate(samples())]
+    module._trainer = _TwoRankTrainer(torch.tensor([5.0, 6.0]))
+    try:
+        rl_denom, sft_denom = module._global_denominators(batch)
+    finally:
+        module._trainer = None
+    assert (rl_denom.item(), sft_denom.item()) == (4.0, 4.0)
