@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
-SampleKind = Literal["base", "distill", "retry", "refinement", "sft_reflect", "sft_retry", "sft_success", "eval"]
+SampleKind = Literal[
+    "base", "distill", "retry", "reflection", "refinement", "sft_reflect", "sft_retry", "sft_success", "eval"
+]
 
 
 @dataclass
