@@ -43,7 +43,8 @@ class R3LModule(L.LightningModule):
         opmd_tau: OPMD's τ: the policy-gradient term is divided by 1 + τ (the KL term is not).
         shaping_gamma: γ of Critique-GRPO's policy shaping f(π) = π/(π + γ) on refinement samples
             (``None``: off, refinements train like any other sample); see :func:`~r3l_lightning.losses.policy_loss`.
-        lr, weight_decay, betas, warmup_steps: AdamW with linear warmup, then constant.
+        lr, weight_decay, betas, warmup_steps: AdamW with linear warmup, then constant (weight decay 0.01:
+            AdamW's usual default and the reference code's; the paper does not state it).
         max_grad_norm: gradient-norm clipping (``None`` disables).
         model_dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPUs, or fp32 weights with
             the Trainer's ``precision: bf16-mixed``).
@@ -65,7 +66,7 @@ class R3LModule(L.LightningModule):
         shaping_gamma: float | None = None,
         opmd_tau: float = 0.0,
         lr: float = 1e-6,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,

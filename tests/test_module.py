@@ -160,3 +160,27 @@ def test_step_denominators_are_summed_over_ranks(module):
     finally:
         module._trainer = None
     assert (rl_denom.item(), sft_denom.item()) == (4.0, 4.0)
+
+
+def test_reference_code_loss_settings_reach_the_loss():
+    """token-mean ÷ (1 + τ) and a k2 KL against a reference model, as the r3l_authors_code overlay sets them."""
+    torch.manual_seed(0)
+    authors = R3LModule(TINY_RANDOM, aggregation="token-mean", opmd_tau=1.0, kl_coef=0.001, kl_estimator="k2")
+    assert authors.reference is not None  # loaded because kl_coef > 0
+    with torch.no_grad():  # move the policy away from the reference: a non-zero KL
+        for p in authors.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = [s for s in samples() if not s.is_sft]
+    terms, k2, tokens = [], [], 0
+    for s in batch:
+        ids = torch.tensor([s.input_ids])
+        lp = torch.log_softmax(authors.policy(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])
+        ref = torch.log_softmax(authors.reference(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])
+        mask = torch.tensor(s.loss_mask[1:])
+        terms.append(-(s.advantage * lp.squeeze(1) * mask).sum())
+        k2.append((0.5 * (lp - ref).squeeze(1) ** 2 * mask).sum())
+        tokens += int(mask.sum())
+    # the reference code: masked_mean(-Â·log π)/(1 + τ) + kl_coef·masked_mean(½(log π − log π_ref)²)
+    expected = torch.stack(terms).sum() / tokens / 2 + 0.001 * torch.stack(k2).sum() / tokens
+    assert torch.stack(k2).sum() > 0
+    torch.testing.assert_close(step_loss(authors, [batch]), expected, rtol=1e-5, atol=1e-7)
