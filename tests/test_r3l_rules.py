@@ -45,6 +45,17 @@ def responder(reflection: str, base: str | list[str], retry: str | list[str]):
     return respond
 
 
+def pear_then(second: str, reflection: str):
+    """Base episodes answer "pear", then ``second`` once told "'pear' is wrong"; guided prompts "apple"."""
+    def respond(prompt: str) -> str:
+        if REFLECTION_REQUEST in prompt:
+            return reflection
+        if GUIDED in prompt:
+            return "apple"
+        return second if "'pear' is wrong" in prompt else "pear"
+    return respond
+
+
 def trainable_text(chat, sample) -> str:
     return chat.tokenizer.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if m])
 
@@ -65,15 +76,8 @@ def test_reference_rule_also_admits_a_success_in_fewer_turns(tiny_chat):
     # base: "pear" (wrong) then "apple": R = 1 in 2 turns; reflection: inefficient, retry from step 0;
     # retry: "apple" at once, R' = 1 in 1 turn. Paper: R' > R fails. Reference (ALFWorld R3L_workflow.py
     # l. 319-321): (R' > R and R' >= 1) or (R' >= 1 and 1 < 2 steps) → admitted
-    def script(prompt: str) -> str:
-        if REFLECTION_REQUEST in prompt:
-            return report("success_but_inefficient", 0)
-        if GUIDED in prompt:
-            return "apple"
-        return "apple" if "'pear' is wrong" in prompt else "pear"
-
     for rule, kinds in (("paper", []), ("reference", ["sft_reflect", "sft_retry"])):
-        result, _ = explore(tiny_chat, script, sft_rule=rule)
+        result, _ = explore(tiny_chat, pear_then("apple", report("success_but_inefficient", 0)), sft_rule=rule)
         assert result.stats["base_success_rate"] == 1.0 and result.stats["retry_trigger_rate"] == 1.0
         assert [s.kind for s in result.sft] == kinds
 
@@ -81,12 +85,7 @@ def test_reference_rule_also_admits_a_success_in_fewer_turns(tiny_chat):
 def test_reference_rule_needs_strictly_fewer_turns(tiny_chat):
     # the same base (pear, apple: 2 turns), but the retry restarts at step 1: it replays "pear" and answers
     # "apple" under guidance, R' = 1 in 2 turns, not fewer → not admitted
-    def script(prompt: str) -> str:
-        if REFLECTION_REQUEST in prompt:
-            return report("success_but_inefficient", 1)
-        return "apple" if "'pear' is wrong" in prompt else "pear"
-
-    result, _ = explore(tiny_chat, script, sft_rule="reference")
+    result, _ = explore(tiny_chat, pear_then("apple", report("success_but_inefficient", 1)), sft_rule="reference")
     assert result.stats["retry_trigger_rate"] == 1.0 and result.stats["mean_pivot"] == 1.0
     assert result.sft == []
 
@@ -133,14 +132,7 @@ def test_retry_selection_is_validated(tiny_chat):
 def test_no_retry_after_the_environment_crashed_the_base_episode(tiny_chat):
     # base: "pear" (wrong), then "crash" (the simulator raises): 2 turns, marked with an error. The reflection
     # names step 1, inside [0, 1], so only the crash can stop the retry.
-    def script(prompt: str) -> str:
-        if REFLECTION_REQUEST in prompt:
-            return report("failure", 1)
-        if GUIDED in prompt:
-            return "apple"
-        return "crash" if "'pear' is wrong" in prompt else "pear"
-
-    result, engine = explore(tiny_chat, script, GuessEnv(max_turns=3))
+    result, engine = explore(tiny_chat, pear_then("crash", report("failure", 1)), GuessEnv(max_turns=3))
     assert engine.calls == [1, 1, 1]  # two base turns and the reflection; no retry generation
     assert result.stats["env_errors"] == 1 and result.stats["valid_reflection_rate"] == 1.0
     assert result.stats["retry_trigger_rate"] == 0.0
