@@ -1,5 +1,6 @@
-"""Reflection: the prompt the policy diagnoses its own trajectory with, the JSON schema its report is decoded
-under, the report's parser, and the guidance a retry receives."""
+"""Reflection: the messages the policy diagnoses its own trajectory with, the JSON schema its report is
+decoded under, the report's parser, and the guidance a retry receives (the prompt texts live in
+:mod:`r3l_lightning.prompts`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from r3l_lightning.prompts import GUIDANCE_TEMPLATE, REFLECTION_REQUEST, REFLECTION_SYSTEM_PROMPT, fill
 from r3l_lightning.trajectory import Message, Trajectory
 
 Outcome = Literal["success", "success_but_inefficient", "failure"]
@@ -18,20 +20,6 @@ FIELDS: tuple[str, ...] = (
     "improvement_suggestion",
     "retry_from_step",
 )
-
-REFLECTION_SYSTEM_PROMPT = """You review an agent's attempt at a task and diagnose it.
-Answer with ONE JSON object and nothing else, with exactly these fields:
-{
-  "trajectory_summary": "the strategy used, the outcome, and how well it was executed",
-  "root_cause_analysis": "a chain of 'why?' down to the root cause of the problems (null only if flawless)",
-  "trajectory_outcome": "success" | "success_but_inefficient" | "failure",
-  "improvement_suggestion": "a general, self-contained principle that avoids the root cause (null iff success)",
-  "retry_from_step": the earliest step number where the root cause shows, 0 if the initial strategy was wrong (null iff success)
-}"""
-
-GUIDANCE_TEMPLATE = """Your previous attempt at this task had issues. A review of it found:
-{report}
-Apply these lessons in your next responses. Do not mention this guidance or the previous attempt."""
 
 
 def report_schema(num_turns: int, reward: float, max_reward: float = 1.0, max_chars: int = 200) -> dict:
@@ -100,8 +88,10 @@ def render_trajectory(trajectory: Trajectory) -> str:
     return "\n\n".join(lines)
 
 
-def reflection_messages(trajectory: Trajectory, task_instructions: str) -> list[Message]:
-    """Chat messages that ask the policy to reflect on ``trajectory``."""
+def reflection_messages(
+    trajectory: Trajectory, task_instructions: str, system_prompt: str = REFLECTION_SYSTEM_PROMPT
+) -> list[Message]:
+    """Chat messages that ask the policy to reflect on ``trajectory`` (``system_prompt``: see ``prompts``)."""
     hint = trajectory.info.get("reflection_hint") or ""
     parts = [
         f"# Task instructions given to the agent\n{task_instructions}",
@@ -110,8 +100,8 @@ def reflection_messages(trajectory: Trajectory, task_instructions: str) -> list[
     ]
     if hint:
         parts.append(f"# Additional information\n{hint}")
-    parts.append("Write the JSON diagnosis now.")
-    return [Message("system", REFLECTION_SYSTEM_PROMPT), Message("user", "\n\n".join(parts))]
+    parts.append(REFLECTION_REQUEST)
+    return [Message("system", system_prompt), Message("user", "\n\n".join(parts))]
 
 
 def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]:
@@ -146,6 +136,6 @@ def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]
     return Reflection(report, outcome, step), ""
 
 
-def guidance_text(reflection: Reflection) -> str:
-    """The guidance inserted into a retry: the JSON report in the guidance template."""
-    return GUIDANCE_TEMPLATE.format(report=json.dumps(reflection.report, indent=2, ensure_ascii=False))
+def guidance_text(reflection: Reflection, template: str = GUIDANCE_TEMPLATE) -> str:
+    """The guidance inserted into a retry: the JSON report in ``template`` (its ``{report}`` field)."""
+    return fill(template, report=json.dumps(reflection.report, indent=2, ensure_ascii=False))
