@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning as L
@@ -13,6 +14,33 @@ from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
 from r3l_lightning.explore.base import is_success
 from r3l_lightning.callbacks.exploration import rollout_context
+
+
+def paired_gain(before: list[float], after: list[float]) -> tuple[float, float]:
+    """Mean of ``after[i] − before[i]`` over tasks and its standard error (unbiased std / √n; 0 for n < 2).
+
+    Both lists hold one value per task (its mean over repeats), for the same tasks in the same order: the
+    standard error of a paired difference, which is smaller than that of two independent rates.
+    """
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_gain needs two equally long non-empty lists, got {len(before)} and {len(after)}")
+    diffs = [a - b for a, b in zip(after, before)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, 0.0
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def _in_task_order(values: list[float], rank: int, world_size: int) -> list[float]:
+    """Every rank's per-task values (rank r holds tasks r, r + W, …), gathered back into task order."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return list(values)
+    shards: list[list[float]] = [[] for _ in range(world_size)]
+    torch.distributed.all_gather_object(shards, list(values))
+    total = sum(len(x) for x in shards)
+    return [shards[i % world_size][i // world_size] for i in range(total)]
 
 
 def evaluate_tasks(ctx: RolloutContext, tasks, params: SamplingParams, repeats: int) -> list[float]:
@@ -35,7 +63,9 @@ class EvalCallback(L.Callback):
 
     Runs before training, every ``every_n_epochs`` epochs, and after training. Each rank evaluates
     its shard of the tasks; torchmetrics syncs the means across ranks. Logged as ``eval/reward``,
-    ``eval/success_rate``; every result is also kept in ``history``.
+    ``eval/success_rate``; every result is also kept in ``history``, and every task's success rate in
+    ``task_success[label]``. After training, the gain over the evaluation before training is printed
+    and logged (``eval/success_gain``, ``eval/success_gain_se``) with its paired standard error.
     """
 
     def __init__(
@@ -57,6 +87,8 @@ class EvalCallback(L.Callback):
         self.before_training = before_training
         self.after_training = after_training
         self.history: list[dict[str, float]] = []
+        self.task_success: dict[str, list[float]] = {}
+        self.last_task_success: list[float] = []
 
     def run(self, datamodule, pl_module: L.LightningModule, rank: int = 0, world_size: int = 1) -> dict[str, float]:
         """Evaluate this rank's shard of the eval tasks; means are synced across ranks."""
@@ -65,7 +97,11 @@ class EvalCallback(L.Callback):
         tasks = datamodule.eval_task_list(self.max_tasks)
         if not tasks:
             raise ValueError("evaluation needs data.eval_tasks: set it in the config")
-        rewards = evaluate_tasks(rollout_context(datamodule, pl_module), tasks[rank::world_size], self.params, self.repeats)
+        shard = tasks[rank::world_size]
+        rewards = evaluate_tasks(rollout_context(datamodule, pl_module), shard, self.params, self.repeats)
+        per_task = [sum(map(is_success, rewards[i * self.repeats : (i + 1) * self.repeats])) / self.repeats
+                    for i in range(len(shard))]
+        self.last_task_success = _in_task_order(per_task, rank, world_size)
         reward, success = MeanMetric().to(pl_module.device), MeanMetric().to(pl_module.device)
         for r in rewards:
             reward.update(torch.tensor(r, dtype=torch.float32))
@@ -79,10 +115,21 @@ class EvalCallback(L.Callback):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str) -> dict[str, float]:
         result = self.run(trainer.datamodule, pl_module, trainer.global_rank, trainer.world_size)
+        self.task_success[label] = self.last_task_success
+        before = self.task_success.get("before training")
+        gain_line = None
+        if label == "after training" and before is not None:
+            gain, se = paired_gain(before, self.last_task_success)
+            result.update({"eval/success_gain": gain, "eval/success_gain_se": se})
+            gain_line = (f"[eval gain] success_rate {sum(before) / len(before):.3f} -> "
+                         f"{result['eval/success_rate']:.3f}: {gain:+.3f} ± {se:.3f} (paired standard error over "
+                         f"{len(before)} tasks; gain/SE = {gain / se if se > 0 else float('nan'):.1f})")
         self.history.append({"label": label, "step": trainer.global_step, **result})
         for logger in trainer.loggers:
             logger.log_metrics(result, step=trainer.global_step)
         rank_zero_info(describe(label, result))
+        if gain_line is not None:
+            rank_zero_info(gain_line)
         return result
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -91,7 +138,9 @@ class EvalCallback(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        # the last epoch (max_epochs, or a callback such as RolloutTokenBudget stopping the run) is evaluated
+        # once, by on_train_end
+        last = trainer.should_stop or (trainer.max_epochs is not None and epoch >= trainer.max_epochs)
         if epoch % self.every_n_epochs == 0 and not (last and self.after_training):
             self.evaluate(trainer, pl_module, f"epoch {epoch}")
 

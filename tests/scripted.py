@@ -16,6 +16,7 @@ import lightning.pytorch.strategies.fsdp as lightning_fsdp
 from lightning.pytorch.strategies import FSDPStrategy
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.engines.hf import HFEngine
 from r3l_lightning.envs.base import Environment, Episode, StepResult, Task, TaskSource
 from r3l_lightning.explore import GroupExplorer, R3LExplorer
@@ -23,19 +24,19 @@ from r3l_lightning.explore import GroupExplorer, R3LExplorer
 
 class ScriptedEngine(RolloutEngine):
     """Answers every prompt with ``script(prompt_text)``; records each generate call's batch size and the
-    JSON schemas it was asked to decode under (``schemas``, one list per call)."""
+    constraints it was asked to decode under (``constraints``, one list per call)."""
 
     def __init__(self, script: Callable[[str], str], tokenizer, eos_id: int) -> None:
         self.script = script
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.calls: list[int] = []
-        self.schemas: list[list[dict | None] | None] = []
+        self.constraints: list[list[Constraint | None] | None] = []
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 json_schemas: list[dict | None] | None = None) -> list[list[Completion]]:
+                 constraints: list[Constraint | None] | None = None) -> list[list[Completion]]:
         self.calls.append(len(prompts))
-        self.schemas.append(json_schemas)
+        self.constraints.append(constraints)
         out = []
         for p in prompts:
             text = self.script(self.tokenizer.decode(p, skip_special_tokens=False))
@@ -246,11 +247,11 @@ class ScriptedReflectionEngine(HFEngine):
         super().__init__(max_batch_size)
         self.reflections = 0
 
-    def generate(self, prompts, params, json_schemas=None):
-        if json_schemas is None:
-            return super().generate(prompts, params)
+    def generate(self, prompts, params, constraints=None):
+        if constraints is None or all(c is None or c.json_schema is None for c in constraints):
+            return super().generate(prompts, params, constraints)
         out = []
-        for schema in json_schemas:
+        for schema in (c.json_schema for c in constraints):
             failure = "anyOf" not in schema
             steps = schema["properties"]["retry_from_step"]["enum"] if failure else None
             report = {"trajectory_summary": "lower-case reply", "root_cause_analysis": "ignored the instruction",

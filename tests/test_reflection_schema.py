@@ -11,6 +11,7 @@ import xgrammar as xgr
 from xgrammar.testing import _is_grammar_accept_string
 
 from r3l_lightning.engines.base import SamplingParams
+from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.engines.hf import HFEngine
 from r3l_lightning.explore import R3LExplorer
 from r3l_lightning.explore.episodes import RolloutContext
@@ -82,8 +83,8 @@ def test_hf_engine_makes_a_random_model_write_valid_reports(tiny_policy, tiny_to
     engine = HFEngine()
     engine.bind(tiny_policy, tiny_tokenizer, tiny_eos)
     prompts = [tiny_tokenizer("Write the JSON diagnosis now.")["input_ids"]] * 2
-    schemas = [report_schema(3, 0.0, max_chars=4), None]  # ~45 tokens of JSON skeleton + 3 short strings
-    out = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=96, n=2, seed=0), json_schemas=schemas)
+    constraints = [Constraint(json_schema=report_schema(3, 0.0, max_chars=4)), None]  # ~45 tokens of JSON + 3 short strings
+    out = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=96, n=2, seed=0), constraints)
     assert [len(c) for c in out] == [2, 2]
     for c in out[0]:
         text = tiny_tokenizer.decode(c.token_ids, skip_special_tokens=True)
@@ -102,14 +103,14 @@ def test_explorer_asks_the_engine_for_one_schema_per_reflection(tiny_chat):
     tasks = GuessTasks(2)
     R3LExplorer(group_size=4, reflection_max_new_tokens=300).explore(
         [tasks[0], tasks[1]], RolloutContext(GuessEnv(max_turns=3), engine, tiny_chat))
-    reflect_call = next(s for s in engine.schemas if s is not None)
+    reflect_call = next(c for c in engine.constraints if c is not None)
     # 2 tasks x 2 base trajectories of 3 failed turns: the failure schema with pivots 0..2, 300 - 64 chars
-    assert reflect_call == [report_schema(3, 0.0, 1.0, 236)] * 4
-    assert sum(s is not None for s in engine.schemas) == 1  # rollouts and retries are never constrained
+    assert reflect_call == [Constraint(json_schema=report_schema(3, 0.0, 1.0, 236))] * 4
+    assert sum(c is not None for c in engine.constraints) == 1  # rollouts and retries are not constrained here
 
     free = ScriptedEngine(lambda p: reflection if "Write the JSON diagnosis" in p else "pear",
                           tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
     R3LExplorer(group_size=4, reflection_decoding="free").explore([tasks[0]], RolloutContext(GuessEnv(), free, tiny_chat))
-    assert all(s is None for s in free.schemas)
+    assert all(c is None for c in free.constraints)
     with pytest.raises(ValueError, match="reflection_decoding"):
         R3LExplorer(reflection_decoding="grammar")

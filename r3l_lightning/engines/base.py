@@ -8,6 +8,8 @@ from typing import Literal
 
 import torch
 
+from r3l_lightning.engines.constraints import Constraint
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -48,14 +50,14 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, json_schemas: list[dict | None] | None = None
+        self, prompts: list[list[int]], params: SamplingParams, constraints: list[Constraint | None] | None = None
     ) -> list[list[Completion]]:
         """For every prompt (token ids), ``params.n`` completions.
 
-        ``json_schemas`` (one per prompt, ``None`` for an unconstrained prompt): decode that prompt's
-        completions under the JSON schema (compact separators ``", "`` and ``": "``, no other
-        whitespace between tokens), so that the text is a JSON document the schema accepts unless the
-        token budget runs out first. Both built-in engines use xgrammar for it.
+        ``constraints`` (one per prompt, ``None`` for an unconstrained prompt): decode that prompt's
+        completions under a JSON schema or a grammar (:class:`~r3l_lightning.engines.constraints.Constraint`),
+        so that the text matches it unless the token budget runs out first. Both built-in engines use
+        xgrammar for it.
         """
 
     def sync_weights(self) -> None:

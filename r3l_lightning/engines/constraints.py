@@ -1,55 +1,78 @@
-"""JSON-schema constrained decoding with xgrammar, shared by the engines.
+"""Constrained decoding: a completion that must match a JSON schema or an EBNF grammar.
 
-xgrammar is the grammar engine inside vLLM, SGLang and TensorRT-LLM; vLLM compiles the schema of a
-request with it, and :class:`SchemaGrammars` compiles the same schema the same way (``any_whitespace=False``)
-for ``transformers`` ``generate``, so both engines accept exactly the same texts.
+Both engines use xgrammar, the grammar engine inside vLLM, SGLang and TensorRT-LLM: vLLM compiles a
+request's constraint with it (``StructuredOutputsParams``), and :class:`CompiledConstraints` compiles the
+same constraint the same way for ``transformers`` ``generate``, so both engines accept exactly the same texts.
+JSON is written with single spaces after ``,`` and ``:`` and no other whitespace between tokens.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 
-def schema_key(schema: dict) -> str:
-    """A schema as the JSON text the grammar compiler receives (and the cache key). Keys keep their
-    order: xgrammar makes the decoder write an object's properties in the order the schema lists them."""
-    return json.dumps(schema, ensure_ascii=False)
+@dataclass(frozen=True)
+class Constraint:
+    """What a completion must match: exactly one of ``json_schema`` (a JSON schema) or ``grammar`` (EBNF in
+    xgrammar's dialect, rule ``root`` first, as vLLM's ``grammar`` structured output)."""
+
+    json_schema: dict | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.json_schema is None) == (self.grammar is None):
+            raise ValueError("a Constraint takes exactly one of json_schema and grammar")
+
+    @property
+    def key(self) -> str:
+        """The text the grammar compiler receives. A schema keeps its key order: xgrammar makes the decoder
+        write an object's properties in the order the schema lists them."""
+        return self.grammar if self.grammar is not None else json.dumps(self.json_schema, ensure_ascii=False)
+
+    def vllm_params(self):
+        """The same constraint as vLLM's ``StructuredOutputsParams``."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if self.grammar is not None:
+            return StructuredOutputsParams(grammar=self.grammar)
+        return StructuredOutputsParams(json=self.key, disable_any_whitespace=True)
 
 
-class SchemaGrammars:
-    """Compiles JSON schemas for one tokenizer (cached per schema) and builds HF logits processors.
+class CompiledConstraints:
+    """Compiles constraints for one tokenizer (cached) and builds HF logits processors.
 
     Args:
         tokenizer: the policy's HF tokenizer.
         vocab_size: the width of the model's logits (may exceed the tokenizer's vocabulary).
-        stop_token_ids: the ids that end a turn; the grammar allows them once the document is complete.
-        cache_size: compiled grammars kept (a schema depends on the trajectory's length and reward, so
-            there are few distinct ones).
+        stop_token_ids: the ids that end a turn; a constraint allows them once its text is complete.
+        cache_size: compiled constraints kept (a reflection's schema depends on the trajectory's length
+            and reward, so there are few distinct ones).
     """
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], cache_size: int = 256) -> None:
-        try:
-            import xgrammar as xgr
-        except ImportError as err:  # pragma: no cover - xgrammar is a dependency of the project
-            raise ImportError("schema-constrained decoding needs xgrammar: pip install xgrammar") from err
-        self._xgr = xgr
+        import xgrammar as xgr
+
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(info)
         self._cache: dict[str, object] = {}
         self.cache_size = cache_size
 
-    def compiled(self, schema: dict):
-        key = schema_key(schema)
+    def compiled(self, constraint: Constraint):
+        key = constraint.key
         grammar = self._cache.get(key)
         if grammar is None:
-            grammar = self._compiler.compile_json_schema(key, any_whitespace=False)
+            if constraint.grammar is not None:
+                grammar = self._compiler.compile_grammar(constraint.grammar)
+            else:
+                grammar = self._compiler.compile_json_schema(key, any_whitespace=False)
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = grammar
         return grammar
 
-    def logits_processor(self, schemas: list[dict]):
-        """A processor for one ``generate`` call whose batch rows are decoded under ``schemas`` (one per row)."""
+    def logits_processor(self, constraints: list[Constraint]):
+        """A processor for one ``generate`` call whose batch rows are decoded under ``constraints`` (one per row)."""
         from xgrammar.contrib.hf import LogitsProcessor
 
-        return LogitsProcessor([self.compiled(s) for s in schemas])
+        return LogitsProcessor([self.compiled(c) for c in constraints])

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
-from r3l_lightning.engines.constraints import SchemaGrammars
+from r3l_lightning.engines.constraints import CompiledConstraints, Constraint
 from r3l_lightning.models import is_sharded, named_full_weights
 
 
@@ -30,7 +30,7 @@ class HFEngine(RolloutEngine):
     def bind(self, policy, tokenizer, eos_token_ids) -> None:
         super().bind(policy, tokenizer, eos_token_ids)
         self._inference_copy = None
-        self._grammars: SchemaGrammars | None = None
+        self._compiled: CompiledConstraints | None = None
 
     def sync_weights(self) -> None:
         """Refresh the unsharded inference copy of a sharded policy, one gathered tensor at a time
@@ -60,21 +60,21 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, json_schemas: list[dict | None] | None = None
+        self, prompts: list[list[int]], params: SamplingParams, constraints: list[Constraint | None] | None = None
     ) -> list[list[Completion]]:
         if self.policy is None:
             raise RuntimeError("HFEngine.generate called before bind(policy, tokenizer, eos_token_ids)")
-        if json_schemas is not None:
-            if len(json_schemas) != len(prompts):
-                raise ValueError(f"json_schemas has {len(json_schemas)} entries for {len(prompts)} prompts")
-            constrained = [i for i, s in enumerate(json_schemas) if s is not None]
+        if constraints is not None:
+            if len(constraints) != len(prompts):
+                raise ValueError(f"constraints has {len(constraints)} entries for {len(prompts)} prompts")
+            constrained = [i for i, c in enumerate(constraints) if c is not None]
             if not constrained:
-                json_schemas = None
+                constraints = None
             elif len(constrained) < len(prompts):  # a grammar per row: generate the two kinds apart
-                free = [i for i, s in enumerate(json_schemas) if s is None]
+                free = [i for i, c in enumerate(constraints) if c is None]
                 results: dict[int, list[Completion]] = {}
-                for part, schemas in ((constrained, [json_schemas[i] for i in constrained]), (free, None)):
-                    results.update(zip(part, self.generate([prompts[i] for i in part], params, schemas)))
+                for part, kinds in ((constrained, [constraints[i] for i in constrained]), (free, None)):
+                    results.update(zip(part, self.generate([prompts[i] for i in part], params, kinds)))
                 return [results[i] for i in range(len(prompts))]
         per_chunk = max(1, self.max_batch_size // params.n)
         results: list[list[Completion]] = []
@@ -90,25 +90,25 @@ class HFEngine(RolloutEngine):
             if not chunk:  # this rank is done; keep the others company with a dummy prompt
                 self._generate_chunk([prompts[0] if prompts else [self.eos_token_ids[0]]], params, synced)
                 continue
-            schemas = None if json_schemas is None else json_schemas[c * per_chunk : (c + 1) * per_chunk]
-            results += self._generate_chunk(chunk, params, synced, schemas)
+            kinds = None if constraints is None else constraints[c * per_chunk : (c + 1) * per_chunk]
+            results += self._generate_chunk(chunk, params, synced, kinds)
         return results
 
     def _device(self) -> torch.device:
         param = next(self.policy.parameters())
         return param.to_local().device if hasattr(param, "to_local") else param.device
 
-    def _grammar_processors(self, schemas: list[dict] | None, rows_per_prompt: int) -> LogitsProcessorList | None:
-        if schemas is None:
+    def _grammar_processors(self, constraints: list[Constraint] | None, rows_per_prompt: int) -> LogitsProcessorList | None:
+        if constraints is None:
             return None
-        if self._grammars is None:
+        if self._compiled is None:
             vocab = self._model().config.vocab_size
-            self._grammars = SchemaGrammars(self.tokenizer, vocab, self.eos_token_ids)
-        rows = [s for s in schemas for _ in range(rows_per_prompt)]  # generate's rows: prompt-major
-        return LogitsProcessorList([self._grammars.logits_processor(rows)])
+            self._compiled = CompiledConstraints(self.tokenizer, vocab, self.eos_token_ids)
+        rows = [c for c in constraints for _ in range(rows_per_prompt)]  # generate's rows: prompt-major
+        return LogitsProcessorList([self._compiled.logits_processor(rows)])
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, synced: bool,
-                        schemas: list[dict] | None = None):
+                        constraints: list[Constraint] | None = None):
         device = self._device()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         width = max(len(p) for p in prompts)
@@ -138,7 +138,7 @@ class HFEngine(RolloutEngine):
         try:
             out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
                                  synced_gpus=synced,
-                                 logits_processor=self._grammar_processors(schemas, 1 if greedy else params.n))
+                                 logits_processor=self._grammar_processors(constraints, 1 if greedy else params.n))
         finally:
             model.train(was_training)
         new_tokens = out.sequences[:, width:]

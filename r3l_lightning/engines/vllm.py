@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
-from r3l_lightning.engines.constraints import schema_key
+from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.models import named_full_weights
 
 log = logging.getLogger(__name__)
@@ -379,14 +379,9 @@ class VLLMEngine(RolloutEngine):
             self.sync_weights()
 
     # ----- generation ------------------------------------------------------------------------------
-    def _sampling_params(self, params: SamplingParams, index: int, schema: dict | None = None):
+    def _sampling_params(self, params: SamplingParams, index: int, constraint: Constraint | None = None):
         vllm = _vllm()
         greedy = params.temperature <= 0
-        structured = None
-        if schema is not None:
-            from vllm.sampling_params import StructuredOutputsParams
-
-            structured = StructuredOutputsParams(json=schema_key(schema), disable_any_whitespace=True)
         return vllm.SamplingParams(
             n=1 if greedy else params.n,
             temperature=0.0 if greedy else params.temperature,
@@ -398,7 +393,7 @@ class VLLMEngine(RolloutEngine):
             ignore_eos=False,
             skip_special_tokens=False,
             detokenize=False,
-            structured_outputs=structured,
+            structured_outputs=None if constraint is None else constraint.vllm_params(),
         )
 
     def _per_request_seeds(self) -> bool:
@@ -409,14 +404,14 @@ class VLLMEngine(RolloutEngine):
         return self._on_gpu()
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, json_schemas: list[dict | None] | None = None
+        self, prompts: list[list[int]], params: SamplingParams, constraints: list[Constraint | None] | None = None
     ) -> list[list[Completion]]:
         """Completions for token-id prompts. A seeded call is reproducible: per-request seeds
         (``seed + prompt index``) on GPUs, the worker's generator seeded with ``seed`` on CPUs."""
         if self.policy is None:
             raise RuntimeError("VLLMEngine.generate called before bind(policy, tokenizer, eos_token_ids)")
-        if json_schemas is not None and len(json_schemas) != len(prompts):
-            raise ValueError(f"json_schemas has {len(json_schemas)} entries for {len(prompts)} prompts")
+        if constraints is not None and len(constraints) != len(prompts):
+            raise ValueError(f"constraints has {len(constraints)} entries for {len(prompts)} prompts")
         if not prompts:
             return []
         if self._asleep:
@@ -427,8 +422,7 @@ class VLLMEngine(RolloutEngine):
         except ImportError:  # older layouts: a plain dict is the same TypedDict
             TokensPrompt = dict  # noqa: N806
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        schemas = json_schemas or [None] * len(prompts)
-        sampling = [self._sampling_params(params, i, schema) for i, schema in enumerate(schemas)]
+        sampling = [self._sampling_params(params, i, c) for i, c in enumerate(constraints or [None] * len(prompts))]
         if params.seed is not None and not self._per_request_seeds():
             llm.collective_rpc("r3l_seed", args=(params.seed,))
         outputs = llm.generate(requests, sampling, use_tqdm=False)

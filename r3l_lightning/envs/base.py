@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from r3l_lightning.engines.constraints import Constraint
+
 
 @dataclass
 class Task:
@@ -81,6 +83,11 @@ class Environment(ABC):
     @abstractmethod
     def make_episode(self, task: Task) -> Episode:
         """A fresh episode for ``task`` (not yet reset)."""
+
+    def response_constraint(self, task: Task) -> Constraint | None:
+        """A grammar every response of an episode of ``task`` is decoded under, in training and evaluation
+        alike (``None``, the default: free text)."""
+        return None
 
 
 class TaskSource(ABC):

@@ -130,7 +130,11 @@ def run_episodes(
             stepping.append(state)
         if not stepping:
             continue
-        outputs = ctx.engine.generate(prompts, params)
+        constraints = [ctx.env.response_constraint(state.task) for state in stepping]
+        if any(c is not None for c in constraints):
+            outputs = ctx.engine.generate(prompts, params, constraints)
+        else:
+            outputs = ctx.engine.generate(prompts, params)
         if ctx.progress is not None:
             ctx.progress(len(prompts))
         for state, (completion,) in zip(stepping, outputs):

@@ -20,6 +20,7 @@ from typing import Literal
 
 from r3l_lightning.advantages import AdvantageMode, SingletonRule, group_advantages
 from r3l_lightning.engines.base import SamplingParams
+from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
 from r3l_lightning.explore.episodes import EpisodeState, RolloutContext, RolloutCounters, run_episodes, start_episode
@@ -193,10 +194,14 @@ class R3LExplorer(GroupExplorer):
         prompts = [ctx.chat.prompt_ids(p.reflection_messages) for p in pairs]
         params = self._params(self.reflection_sampling, 1)
         if self.reflection_decoding == "schema":
-            schemas = [report_schema(p.base.num_turns, p.base.reward, ctx.env.max_reward, self.reflection_field_max_chars)
-                       if p.base.num_turns > 0 else None for p in pairs]
-            outputs = ctx.engine.generate(prompts, params, json_schemas=schemas)
-        else:  # engines written before json_schemas existed keep working with free decoding
+            constraints = [
+                Constraint(json_schema=report_schema(p.base.num_turns, p.base.reward, ctx.env.max_reward,
+                                                     self.reflection_field_max_chars))
+                if p.base.num_turns > 0 else None
+                for p in pairs
+            ]
+            outputs = ctx.engine.generate(prompts, params, constraints)
+        else:  # engines written without constraints keep working with free decoding
             outputs = ctx.engine.generate(prompts, params)
         if ctx.progress is not None:
             ctx.progress(len(prompts))
