@@ -7,6 +7,7 @@ from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters
 from r3l_lightning.explore.r3l import R3LExplorer, _Pair
+from r3l_lightning.explore.records import pairs_record
 
 
 class CritiqueGRPOExplorer(R3LExplorer):
@@ -58,6 +59,7 @@ class CritiqueGRPOExplorer(R3LExplorer):
             samples = self.make_group(ctx, trajectories, [0] * len(trajectories), task.task_id, counters)
             if samples:
                 result.groups.append(samples)
+            result.records.append(pairs_record(task, task_pairs, trajectories, samples))
         result.stats = self._stats(pairs, result, counters)
         return result
 

@@ -24,6 +24,7 @@ from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
 from r3l_lightning.explore.episodes import EpisodeState, RolloutContext, RolloutCounters, run_episodes, start_episode
 from r3l_lightning.explore.group import GroupExplorer
+from r3l_lightning.explore.records import pairs_record
 from r3l_lightning.explore.reflection import Reflection, guidance_text, parse_reflection, reflection_messages
 from r3l_lightning.trajectory import Message, SampleKind, TrainingSample, Trajectory, make_sample
 
@@ -41,6 +42,7 @@ class _Pair:
     reflection: Reflection | None = None
     retry: Trajectory | None = None
     pivot: int = 0
+    invalid_reason: str = ""  # why the reflection is invalid (parse_reflection's reason)
 
 
 class R3LExplorer(GroupExplorer):
@@ -111,7 +113,9 @@ class R3LExplorer(GroupExplorer):
             samples = self.make_group(ctx, trajectories, pivots, task.task_id, counters)
             if samples:
                 result.groups.append(samples)
-            result.sft += self._sft_samples(task_pairs, ctx, task.task_id)
+            sft = [self._sft_samples([pair], ctx, task.task_id) for pair in task_pairs]  # per pair: records
+            result.sft += [s for pair_sft in sft for s in pair_sft]
+            result.records.append(pairs_record(task, task_pairs, trajectories, samples, sft))
         result.stats = self._stats(pairs, result, counters)
         return result
 
@@ -136,7 +140,7 @@ class R3LExplorer(GroupExplorer):
         prompts = [ctx.chat.prompt_ids(p.reflection_messages) for p in pairs]
         outputs = ctx.engine.generate(prompts, self._params(self.reflection_sampling, 1))
         if ctx.progress is not None:
-            ctx.progress(len(prompts))
+            ctx.progress(len(prompts), "reflection")
         for pair, (completion,) in zip(pairs, outputs):
             counters.add("tokens_reflection", len(completion.token_ids))
             pair.reflection_response = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)
@@ -145,7 +149,7 @@ class R3LExplorer(GroupExplorer):
                 counters.add("invalid_reflections")
                 counters.add(f"invalid_reflection_{reason}")
                 log.debug("invalid reflection (%s): %.200s", reason, pair.reflection_response.content)
-            pair.reflection = reflection
+            pair.reflection, pair.invalid_reason = reflection, reason
 
     def _retry(self, pairs: list[_Pair], ctx: RolloutContext, counters: RolloutCounters) -> None:
         attempts: list[tuple[_Pair, EpisodeState]] = []
@@ -254,6 +258,9 @@ class R3LExplorer(GroupExplorer):
             sum(p.retry.reward > p.base.reward for p in retried) / len(retried) if retried else 0.0
         )
         stats["mean_pivot"] = sum(p.pivot for p in retried) / len(retried) if retried else 0.0
+        stats["reflections"] = float(len(reflected))  # counts for the per-epoch console summary
+        stats["retries"] = float(len(retried))
+        stats["retries_improved"] = float(sum(p.retry.reward > p.base.reward for p in retried))
         kinds = [s.kind for g in result.groups for s in g] + [s.kind for s in result.sft]
         for kind in ("base", "distill", "retry", "sft_reflect", "sft_retry"):
             stats[f"samples_{kind}"] = float(kinds.count(kind))
