@@ -2,7 +2,8 @@
 
 The curves, per epoch: evaluation success rate and reward (x = epochs trained before the evaluation,
 0 = before training), base success rate and reward, valid-reflection rate, retry improvement (and
-trigger) rate (x = the epoch whose exploration they describe, i.e. after that many trained epochs).
+trigger) rate (x = the epoch whose exploration they describe, i.e. after that many trained epochs; an
+epoch without retries has no improvement rate).
 The end of every ``r3l fit`` draws the same picture next to its CSV (``RunReportCallback``).
 """
 
@@ -62,7 +63,7 @@ def read_curves(metrics_path: str | Path) -> RunCurves:
     for i, row in enumerate(explore):
         epoch = int(_number(row.get("explore/epoch"), i))
         for name, key in EXPLORE_SERIES.items():
-            if row.get(key):
+            if row.get(key) and not (name == "retry_improvement" and _number(row.get("explore/retries"), 1.0) == 0):
                 curves.series.setdefault(name, []).append((epoch, _number(row[key])))
         for key, value in row.items():
             if value and key.startswith(("explore/tokens_", "explore/optimizer_steps", "explore/time_explore_s")):
@@ -135,7 +136,7 @@ def plot_curves(curves: RunCurves, path: str | Path) -> Path:
         ("reflections", [("valid_reflection", "valid rate")]),
         ("retries", [("retry_improvement", "improved R' > R"), ("retry_trigger", "triggered")]),
     ]
-    for ax, (title, series) in zip(figure.subplots(2, 2).flat, panels):
+    for ax, (title, series) in zip(figure.subplots(2, 2, sharex=True).flat, panels):
         ax.set_title(title, fontsize=10)
         drawn = False
         for name, label in series:
