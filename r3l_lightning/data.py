@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from r3l_lightning.envs.base import Environment, Task, TaskSource
 from r3l_lightning.explore.base import Explorer
 from r3l_lightning.explore.r3l import R3LExplorer
-from r3l_lightning.rollout_log import RolloutLog
+from r3l_lightning.rollout_log import DEFAULT_ROLLOUT_LOG, RolloutLog
 from r3l_lightning.trajectory import TrainingSample
 
 MicroBatch = dict[str, torch.Tensor]
@@ -181,7 +181,7 @@ class ExperienceDataModule(L.LightningDataModule):
         groups_per_step: int = 8,
         max_tokens_per_micro_batch: int = 4096,
         seed: int = 0,
-        rollout_log: RolloutLog = RolloutLog(),  # frozen: a shared default is safe
+        rollout_log: RolloutLog = DEFAULT_ROLLOUT_LOG,
     ) -> None:
         super().__init__()
         if groups_per_step < 1:

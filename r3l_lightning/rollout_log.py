@@ -61,6 +61,9 @@ class RolloutLog:
         return self.enabled() and (split == "eval" or epoch % self.every_n_epochs == 0)
 
 
+DEFAULT_ROLLOUT_LOG = RolloutLog()  # frozen: safe to share as a default argument
+
+
 def rollout_path(log_dir: str | Path, split: Split, epoch: int) -> Path:
     return Path(log_dir) / "rollouts" / f"{FILE_PREFIX[split]}_{epoch}.jsonl"
 
