@@ -116,3 +116,5 @@ def test_chromium_renders_groups_pivot_and_reflection_and_filters_them(run_dir, 
     group = browser.find_element(By.CSS_SELECTOR, ".group").text
     assert group.startswith("eval after 0 epochs · guess-0") and INJECTION in group  # shown as text
     assert browser.execute_script("return window.pwned === undefined")
+    browser.get(page.resolve().as_uri() + "#outcome=reflection-invalid&epoch=train:1")  # filters in the address
+    assert count() == 1 and browser.find_element(By.ID, "filter-outcome").get_attribute("value") == "reflection-invalid"
