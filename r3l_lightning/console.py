@@ -58,7 +58,8 @@ class PhaseProgress:
             if self._rich is not None:
                 self._task = self._rich.add_task(f"{name} (seq)", total=float("inf"))
             else:
-                self._bar = tqdm(desc=name, unit="seq", leave=False, dynamic_ncols=True)
+                # disable=None: no bar when the output is not a terminal (a log file gets the summary lines)
+                self._bar = tqdm(desc=name, unit="seq", leave=False, dynamic_ncols=True, disable=None)
         if self._task is not None:
             self._rich.update(self._task, advance=sequences, refresh=True)
         else:
