@@ -11,7 +11,7 @@
   dropped, errors always shown (set ``VLLM_LOGGING_CONFIG_PATH`` to your own file, or to an empty
   value for vLLM's default logging). Lightning's notes about the ``dataloader_iter`` training step
   (the project's deliberate design, see ``data.py``), its ``LeafSpec`` deprecation (raised by its
-  own code) and its LitLogger tip are dropped.
+  own code) and its LitLogger tip are dropped, and so are deprecation warnings raised by vLLM's code.
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ def say(trainer: L.Trainer | None, text: str) -> None:
 
 
 class RepeatFilter(logging.Filter):
-    """Lets the first record of every message (logger, level, template) through and drops its repeats;
-    records at ERROR and above always pass."""
+    """Lets the first record of every message (logger, level, template) through and drops its repeats —
+    a template repeated with other arguments too (one line per parameter or per weight sync becomes one
+    line); records at ERROR and above always pass."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -127,6 +128,8 @@ def quiet_third_party() -> None:
     """Set up the quiet console (see the module docstring); a user's own ``VLLM_LOGGING_CONFIG_PATH``
     is kept. Idempotent."""
     os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(VLLM_LOGGING_CONFIG))
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"vllm(\.|$)")
     for pattern, logger in LIGHTNING_NOTES:
         if logger is None:
             warnings.filterwarnings("ignore", message=f".*{pattern}")

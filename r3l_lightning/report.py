@@ -136,7 +136,7 @@ def plot_curves(curves: RunCurves, path: str | Path) -> Path:
         ("reflections", [("valid_reflection", "valid rate")]),
         ("retries", [("retry_improvement", "improved R' > R"), ("retry_trigger", "triggered")]),
     ]
-    for ax, (title, series) in zip(figure.subplots(2, 2, sharex=True).flat, panels):
+    for i, (ax, (title, series)) in enumerate(zip(figure.subplots(2, 2, sharex=True).flat, panels)):
         ax.set_title(title, fontsize=10)
         drawn = False
         for name, label in series:
@@ -149,7 +149,8 @@ def plot_curves(curves: RunCurves, path: str | Path) -> Path:
         else:
             ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("epoch", fontsize=9)
+        if i >= 2:
+            ax.set_xlabel("epoch", fontsize=9)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     figure.suptitle(f"{curves.metrics_path.parent}", fontsize=9)
