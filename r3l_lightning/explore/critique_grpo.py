@@ -9,6 +9,7 @@ from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters
 from r3l_lightning.explore.r3l import R3LExplorer, _Pair
+from r3l_lightning.explore.records import pairs_record
 from r3l_lightning.explore.reflection import render_trajectory
 from r3l_lightning.prompts import (
     CRITIQUE_TEMPLATE,
@@ -84,31 +85,34 @@ class CritiqueGRPOExplorer(R3LExplorer):
         for i, task in enumerate(tasks):
             task_pairs = pairs[i * self.group_size : (i + 1) * self.group_size]
             group = self._paper_group if self.variant == "paper" else self._reference_group
-            result.groups.append(group(task_pairs, ctx, task.task_id, counters))
+            trajectories, samples = group(task_pairs, ctx, task.task_id, counters)
+            if samples:
+                result.groups.append(samples)
+            result.records.append(pairs_record(task, task_pairs, trajectories, samples))
         result.stats = self._stats(pairs, result, counters)
         return result
 
     def _paper_group(self, pairs: list[_Pair], ctx: RolloutContext, group_id: str,
-                     counters: RolloutCounters) -> list[TrainingSample]:
-        """The N samples and the best refinement, one group of N + 1."""
+                     counters: RolloutCounters) -> tuple[list[Trajectory], list[TrainingSample]]:
+        """The N samples and the best refinement, one group of N + 1 (trajectories, and their samples)."""
         trajectories = [p.base for p in pairs]
         refined = [p for p in pairs if p.retries]
         if refined:
             best = max(refined, key=lambda p: p.retries[0].reward)  # max keeps the first of equal rewards
             trajectories.append(self._distill(best, best.retries[0], kind="refinement"))
-        return self.make_group(ctx, trajectories, [0] * len(trajectories), group_id, counters)
+        return trajectories, self.make_group(ctx, trajectories, [0] * len(trajectories), group_id, counters)
 
     def _reference_group(self, pairs: list[_Pair], ctx: RolloutContext, group_id: str,
-                         counters: RolloutCounters) -> list[TrainingSample]:
+                         counters: RolloutCounters) -> tuple[list[Trajectory], list[TrainingSample]]:
         """The N samples, or N − 1 and the best improving refinement alone in its own group."""
         better = [p for p in pairs if p.retries and p.retries[0].reward > p.base.reward]
         best = max(better, key=lambda p: p.retries[0].reward) if better else None  # first of equals
-        samples = self.make_group(ctx, [p.base for p in pairs if p is not best], [0] * (len(pairs) - bool(best)),
-                                  group_id, counters)
-        if best is not None:
-            samples += self.make_group(ctx, [self._distill(best, best.retries[0], kind="refinement")], [0], group_id,
-                                       counters)
-        return samples
+        kept = [p.base for p in pairs if p is not best]
+        samples = self.make_group(ctx, kept, [0] * len(kept), group_id, counters)
+        if best is None:
+            return kept, samples
+        refinement = self._distill(best, best.retries[0], kind="refinement")
+        return kept + [refinement], samples + self.make_group(ctx, [refinement], [0], group_id, counters)
 
     def _pair(self, task: Task, trajectory: Trajectory, ctx: RolloutContext) -> _Pair:
         if self.variant == "paper":
@@ -129,7 +133,7 @@ class CritiqueGRPOExplorer(R3LExplorer):
         prompts = [ctx.chat.prompt_ids(p.reflection_messages) for p in failures]
         outputs = ctx.engine.generate(prompts, self._params(self.reflection_sampling, 1))
         if ctx.progress is not None:
-            ctx.progress(len(failures))
+            ctx.progress(len(failures), "reflection")
         for pair, (completion,) in zip(failures, outputs):
             counters.add("tokens_reflection", len(completion.token_ids))
             pair.reflection_response = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)

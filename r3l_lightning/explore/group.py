@@ -13,6 +13,7 @@ from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.base import ExplorationResult, Explorer, base_stats
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
+from r3l_lightning.explore.records import trajectories_record
 from r3l_lightning.trajectory import TokenizedConversation, TrainingSample, Trajectory, make_sample
 
 OverlongLength = Literal["longest_response", "after_first_prompt"]
@@ -130,6 +131,7 @@ class GroupExplorer(Explorer):
             samples = self.make_group(ctx, group, [0] * len(group), task.task_id, counters)
             if samples:
                 result.groups.append(samples)
+            result.records.append(trajectories_record(task, group, samples))
         rewards = [t.reward for g in groups for t in g]
         result.stats = base_stats(rewards, counters)
         result.stats["samples_base"] = float(len(rewards))

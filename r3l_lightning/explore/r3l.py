@@ -25,6 +25,7 @@ from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
 from r3l_lightning.explore.episodes import EpisodeState, RolloutContext, RolloutCounters, run_episodes, start_episode
 from r3l_lightning.explore.group import GroupExplorer
+from r3l_lightning.explore.records import pairs_record
 from r3l_lightning.explore.reflection import (
     Reflection,
     guidance_text,
@@ -53,6 +54,7 @@ class _Pair:
     reflection: Reflection | None = None
     retries: list[Trajectory] = field(default_factory=list)
     pivot: int = 0
+    invalid_reason: str = ""  # why the reflection is invalid (parse_reflection's reason)
 
 
 class R3LExplorer(GroupExplorer):
@@ -164,13 +166,16 @@ class R3LExplorer(GroupExplorer):
                     trajectories.append(trajectory)
                     pivots.append(pivot)
             samples = self.make_group(ctx, trajectories, pivots, task.task_id, counters)
-            corrections = self._corrections(task_pairs, ctx, task.task_id, counters)
+            corrections = [self._corrections([p], ctx, task.task_id, counters) for p in task_pairs]  # per pair
+            record = pairs_record(task, task_pairs, trajectories, samples, corrections)
+            flat = [s for pair_corrections in corrections for s in pair_corrections]
             if self.correction_loss == "sft":
-                result.sft += corrections
+                result.sft += flat
             else:  # one-sample RL groups, packed with their task's group
-                samples += corrections
+                samples += flat
             if samples:
                 result.groups.append(samples)
+            result.records.append(record)
         result.stats = self._stats(pairs, result, counters)
         return result
 
@@ -204,7 +209,7 @@ class R3LExplorer(GroupExplorer):
         else:  # engines written without constraints keep working with free decoding
             outputs = ctx.engine.generate(prompts, params)
         if ctx.progress is not None:
-            ctx.progress(len(prompts))
+            ctx.progress(len(prompts), "reflection")
         for pair, (completion,) in zip(pairs, outputs):
             counters.add("tokens_reflection", len(completion.token_ids))
             pair.reflection_response = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)
@@ -213,7 +218,7 @@ class R3LExplorer(GroupExplorer):
                 counters.add("invalid_reflections")
                 counters.add(f"invalid_reflection_{reason}")
                 log.debug("invalid reflection (%s): %.200s", reason, pair.reflection_response.content)
-            pair.reflection = reflection
+            pair.reflection, pair.invalid_reason = reflection, reason
 
     def _retry(self, pairs: list[_Pair], ctx: RolloutContext, counters: RolloutCounters) -> None:
         attempts: list[tuple[_Pair, EpisodeState]] = []
@@ -338,6 +343,9 @@ class R3LExplorer(GroupExplorer):
             sum(r.reward > p.base.reward for p, r in retries) / len(retries) if retries else 0.0
         )
         stats["mean_pivot"] = sum(p.pivot for p in retried) / len(retried) if retried else 0.0
+        stats["reflections"] = float(len(reflected))  # counts for the per-epoch console summary
+        stats["retries"] = float(len(retries))
+        stats["retries_improved"] = float(sum(r.reward > p.base.reward for p, r in retries))
         kinds = [s.kind for g in result.groups for s in g] + [s.kind for s in result.sft]
         for kind in ("base", "distill", "reflection", "retry", "sft_reflect", "sft_retry"):
             stats[f"samples_{kind}"] = float(kinds.count(kind))
