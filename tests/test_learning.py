@@ -1,6 +1,7 @@
 """Learning checks: the whole `r3l fit` path (callbacks, DataModule, module, HF engine) must make the reward
 go up. A sign, mask, alignment or denominator error anywhere between exploration and the optimizer step
-stops the tiny random model from learning ``ShoutEnv`` (reward: the fraction of capital letters)."""
+stops the tiny random model from learning ``TokenDirectionEnv`` (reward: the fraction of reply tokens from a
+fixed fifth of the vocabulary), which it starts at ~0.2 by chance."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def fit(tmp_path: Path, *overrides: str) -> list[dict]:
         "--data.train_tasks", "scripted.GuessTasks", "--data.train_tasks.init_args.n", "64",
         "--data.eval_tasks", "scripted.GuessTasks", "--data.eval_tasks.init_args.n", "16",
         "--data.explorer.init_args.group_size", "8", "--data.explorer.init_args.max_new_tokens", "3",
-        "--data.tasks_per_epoch", "4", "--data.groups_per_step", "4",
+        "--data.tasks_per_epoch", "4", "--data.groups_per_step", "1",
         "--trainer.max_epochs", str(EPOCHS), "--trainer.default_root_dir", str(tmp_path),
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
         "--trainer.enable_checkpointing", "false",
@@ -47,7 +48,7 @@ def assert_learns(rows: list[dict]) -> None:
     base = column(rows, "explore/base_reward_mean")
     evals = column(rows, "eval/reward")
     assert len(base) == EPOCHS and len(evals) == 2
-    # measured: epoch-1 base reward ~0.06 (random tokens), > 0.4 after 6 epochs of 2 steps
+    # measured: epoch-1 base reward 0.20 (chance), 0.44-0.71 in the last two epochs (4 steps an epoch)
     assert sum(base[-2:]) / 2 > base[0] + 0.15, base
     assert evals[1] > evals[0] + 0.15, evals
 

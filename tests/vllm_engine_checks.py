@@ -136,8 +136,9 @@ def test_constrained_decoding_agrees_with_hf(engines):
         text = tokenizer.decode(out[0].token_ids, skip_special_tokens=True)
         if constraint is report:
             assert parse_reflection(text, 3)[0] is not None, text
-        elif constraint is answer:
-            assert re.fullmatch(r"<answer>[0-9+\-*/() ]+</answer>", text), text
+        elif constraint is answer:  # a random model may open brackets until the token limit: a valid prefix
+            closing = "</answer>" if out[0].finish_reason == "stop" else ""
+            assert re.fullmatch(r"<answer>[0-9+\-*/() ]+" + closing, text), text
 
 
 def test_weight_sync_follows_an_optimizer_step(engines):

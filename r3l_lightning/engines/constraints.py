@@ -1,8 +1,9 @@
 """Constrained decoding: a completion that must match a JSON schema or an EBNF grammar.
 
-Both engines use xgrammar, the grammar engine inside vLLM, SGLang and TensorRT-LLM: vLLM compiles a
-request's constraint with it (``StructuredOutputsParams``), and :class:`CompiledConstraints` compiles the
-same constraint the same way for ``transformers`` ``generate``, so both engines accept exactly the same texts.
+Both engines use xgrammar, the grammar engine inside vLLM, SGLang and TensorRT-LLM. A JSON schema is first
+turned into one EBNF grammar (:attr:`Constraint.ebnf`); vLLM receives that grammar (``StructuredOutputsParams``)
+and :class:`CompiledConstraints` compiles the same text for ``transformers`` ``generate``, so both engines
+accept exactly the same texts whatever the vLLM engine's own JSON whitespace settings are.
 JSON is written with single spaces after ``,`` and ``:`` and no other whitespace between tokens.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -30,13 +32,20 @@ class Constraint:
         write an object's properties in the order the schema lists them."""
         return self.grammar if self.grammar is not None else json.dumps(self.json_schema, ensure_ascii=False)
 
+    @cached_property
+    def ebnf(self) -> str:
+        """The constraint as an EBNF grammar: ``grammar`` itself, or the schema converted by xgrammar."""
+        if self.grammar is not None:
+            return self.grammar
+        import xgrammar as xgr
+
+        return str(xgr.Grammar.from_json_schema(self.key, any_whitespace=False))
+
     def vllm_params(self):
-        """The same constraint as vLLM's ``StructuredOutputsParams``."""
+        """The same constraint as vLLM's ``StructuredOutputsParams`` (always the EBNF grammar)."""
         from vllm.sampling_params import StructuredOutputsParams
 
-        if self.grammar is not None:
-            return StructuredOutputsParams(grammar=self.grammar)
-        return StructuredOutputsParams(json=self.key, disable_any_whitespace=True)
+        return StructuredOutputsParams(grammar=self.ebnf)
 
 
 class CompiledConstraints:
@@ -62,10 +71,7 @@ class CompiledConstraints:
         key = constraint.key
         grammar = self._cache.get(key)
         if grammar is None:
-            if constraint.grammar is not None:
-                grammar = self._compiler.compile_grammar(constraint.grammar)
-            else:
-                grammar = self._compiler.compile_json_schema(key, any_whitespace=False)
+            grammar = self._compiler.compile_grammar(constraint.ebnf)
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = grammar
