@@ -150,3 +150,34 @@ def test_restore_by_replay_reproduces_the_observations(episode):
     assert fresh.restore(actions, obs)
     assert fresh.attempt == 1
     assert not fresh.restore(actions, [obs[0], "something else"])
+
+
+def test_bounded_answer_grammar_allows_exactly_the_tasks_count_of_numbers():
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from r3l_lightning.envs.countdown import answer_grammar
+
+    three = xgr.Grammar.from_ebnf(answer_grammar(3))
+    for text in ("<answer>1 + 2 * 3</answer>", "<answer>(10 - 2) / 4</answer>", "<answer>7 * (2 + 9)</answer>"):
+        assert accepts(three, text), text
+    for text in ("<answer>1 + 2</answer>", "<answer>1 + 2 + 3 + 4</answer>", "<answer>(1) + 2 + 3</answer>",
+                 "<answer>1 +2 * 3</answer>", "<answer>0 + 2 * 3</answer>"):
+        assert not accepts(three, text), text
+    assert accepts(xgr.Grammar.from_ebnf(answer_grammar(1)), "<answer>42</answer>")
+    with pytest.raises(ValueError, match="at least one number"):
+        answer_grammar(0)
+
+
+def test_bound_operands_gives_each_task_its_own_grammar():
+    from r3l_lightning.envs.countdown import ANSWER_GRAMMAR, answer_grammar
+
+    env = CountdownEnv(response_format="answer", constrain_answer=True, bound_operands=True)
+    two, four = Task("a", {"numbers": [3, 5], "target": 8}), Task("b", {"numbers": [1, 2, 3, 4], "target": 24})
+    assert env.response_constraint(two).grammar == answer_grammar(2)
+    assert env.response_constraint(four).grammar == answer_grammar(4)
+    unbounded = CountdownEnv(response_format="answer", constrain_answer=True)
+    assert unbounded.response_constraint(two).grammar == ANSWER_GRAMMAR
+    assert CountdownEnv(response_format="answer").response_constraint(two) is None
+    with pytest.raises(ValueError, match="constrain_answer: true"):
+        CountdownEnv(response_format="answer", bound_operands=True)

