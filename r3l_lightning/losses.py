@@ -139,6 +139,7 @@ def policy_loss(
     kl_coef: float = 0.0,
     shaped: torch.Tensor | None = None,
     shaping_gamma: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> LossTerms:
     """Masked policy-gradient loss of a [B, L] batch with one advantage per sequence.
 
@@ -154,6 +155,9 @@ def policy_loss(
       (γ > 0) is set: ℓ_t = −Â·f(π_t), f(π) = π/(π + γ), π_t = exp(log π_t), in place of the rows'
       ratio/REINFORCE term (no ratio, no clip: their rollout logprobs came from another context);
       gradient −Â·γ·π/(π + γ)² per log π_t. ``shaping_gamma=None`` (default): those rows train as any other;
+    - with ``token_weights`` ([B, L], no gradient; the rollout correction of
+      :func:`~r3l_lightning.mismatch.correction_weights`): the policy-gradient term above becomes w_t·ℓ_t
+      (the KL term is not weighted; |τ| and the denominator stay unweighted);
     - with ``ref_logprobs`` and ``kl_coef > 0``: + kl_coef·k3_t, k3 = exp(ref − log π) − (ref − log π) − 1
       (on every row, shaped or not).
 
@@ -193,6 +197,8 @@ def policy_loss(
         rows = shaped_rows & trainable
         prob = torch.exp(torch.where(rows, logprobs, 0.0))
         per_token = torch.where(rows, -adv * prob / (prob + shaping_gamma), per_token)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
     if ref_logprobs is not None:
         delta = torch.where(trainable, ref_logprobs - logprobs, 0.0)
         k3 = torch.exp(delta) - delta - 1.0
