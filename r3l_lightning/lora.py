@@ -154,6 +154,17 @@ def named_inference_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch
         raise RuntimeError(f"LoRA layers without their base weight or adapters: {sorted(pending)}")
 
 
+def named_base_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The frozen base weights with HF names (adapters left out). Collective under FSDP, like the above."""
+    for name, tensor in named_full_weights(model):
+        name = _clean_name(name).removeprefix(_PEFT_PREFIX)
+        found = _lora_part(name)
+        if found is None:
+            yield name, tensor
+        elif found[1] in ("weight", "bias"):
+            yield f"{found[0]}.{found[1]}", tensor
+
+
 def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """W + scale · B A, computed in float32 and returned in W's dtype."""
     delta = lora_b.float() @ lora_a.float()
