@@ -23,7 +23,7 @@ from r3l_lightning.module import R3LModule  # noqa: E402
 from r3l_lightning.trajectory import TrainingSample  # noqa: E402
 
 from test_cli import ROOT, SMOKE  # noqa: E402
-from test_distributed import FSDP2, _fixed_data_run  # noqa: E402
+from test_distributed import FSDP1, FSDP2, _fixed_data_run  # noqa: E402
 
 LORA = ROOT / "configs" / "methods" / "lora.yaml"
 
@@ -65,6 +65,23 @@ def test_merged_weights_equal_peft_merge_and_the_adapter_reloads():
     for name, tensor in merged.items():
         torch.testing.assert_close(tensor, reference[name], rtol=1e-6, atol=1e-6, msg=name)
     assert set(adapter_state(policy)) == {n for n, _ in policy.named_parameters() if is_adapter_name(n)}
+
+
+def test_kl_reference_of_a_lora_policy_is_the_base_model_without_a_second_copy():
+    module = R3LModule(TINY_RANDOM, kl_coef=0.1, lora=LoRAConfig(r=4, alpha=8.0))
+    assert module.reference is None
+    with torch.no_grad():
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    mb = collate([TrainingSample([5, 6, 7, 8, 9], [0, 0, 1, 1, 1], 1.0, "base")])
+    ids = mb["input_ids"]
+    with torch.no_grad():
+        base = torch.log_softmax(load_policy(TINY_RANDOM)(input_ids=ids).logits[0, :-1], -1)
+        adapted = torch.log_softmax(module.policy(input_ids=ids).logits[0, :-1], -1)
+    expected = base.gather(1, ids[0, 1:, None]).squeeze(1)
+    torch.testing.assert_close(module._reference_logprobs(mb)[0, 1:], expected, rtol=1e-5, atol=1e-5)
+    assert (adapted.gather(1, ids[0, 1:, None]).squeeze(1) - expected).abs().max() > 1e-3  # adapters on: differs
 
 
 def test_bad_lora_config_names_the_field():
@@ -112,7 +129,7 @@ def test_resume_from_a_lora_checkpoint_equals_the_uninterrupted_run(tmp_path, mo
         assert not torch.equal(merged(input_ids=ids).logits, load_policy(TINY_RANDOM)(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("strategy", [FSDP2, ["--trainer.strategy", "ddp"]], ids=["fsdp2", "ddp"])
+@pytest.mark.parametrize("strategy", [FSDP2, ["--trainer.strategy", "ddp"], FSDP1], ids=["fsdp2", "ddp", "fsdp1"])
 def test_lora_under_two_processes_matches_a_single_process_run(tmp_path, strategy):
     (tmp_path / "single").mkdir()
     (tmp_path / "multi").mkdir()

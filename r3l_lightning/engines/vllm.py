@@ -46,7 +46,7 @@ import random
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -111,8 +111,6 @@ logging.getLogger("vllm.renderers.base").addFilter(_DropChatTemplateWarmupWarnin
 def _vllm_lora_rank(rank: int) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that holds ``rank`` (vLLM allows a fixed set of values)."""
     try:
-        from typing import get_args
-
         from vllm.config.lora import MaxLoRARanks
     except ImportError:  # other vLLM layouts: pass the rank itself
         return rank
