@@ -129,7 +129,12 @@ def test_resume_from_a_lora_checkpoint_equals_the_uninterrupted_run(tmp_path, mo
         assert not torch.equal(merged(input_ids=ids).logits, load_policy(TINY_RANDOM)(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("strategy", [FSDP2, ["--trainer.strategy", "ddp"], FSDP1], ids=["fsdp2", "ddp", "fsdp1"])
+@pytest.mark.parametrize("strategy", [
+    pytest.param(FSDP2, id="fsdp2"),
+    # ~1 min each: in the slow suite (they passed here: DDP and FSDP1, use_orig_params=True, match one process)
+    pytest.param(["--trainer.strategy", "ddp"], id="ddp", marks=pytest.mark.slow),
+    pytest.param(FSDP1, id="fsdp1", marks=pytest.mark.slow),
+])
 def test_lora_under_two_processes_matches_a_single_process_run(tmp_path, strategy):
     (tmp_path / "single").mkdir()
     (tmp_path / "multi").mkdir()
