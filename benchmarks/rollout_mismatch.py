@@ -6,8 +6,8 @@ Rolls out ``--tasks`` Countdown tasks × ``--n`` samples (temperature 1, as in t
 turns them into training samples exactly as the trainer does (GroupExplorer), recomputes the token logprobs
 with the fp32 policy, and prints the metrics the trainer logs every step (``mismatch/base/*``): mean
 |Δ logprob|, k3 KL(π_rollout ‖ π_train), the fraction of tokens whose ratio leaves [0.5, 2] and the max ratio.
-Engines: vLLM bf16 (the CPU default where bf16 is native), vLLM fp32, and HF ``generate`` on the policy itself
-(fp32, the floor: same weights, same kernels, KV cache vs one full forward).
+Engines (``--engines``): vLLM bf16 (the CPU default where bf16 is native), vLLM fp32, and, not by default (slow
+on CPU), HF ``generate`` on the policy itself (fp32, the floor: same weights and kernels, KV cache vs one forward).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=96)
-    parser.add_argument("--engines", default="vllm-bf16,vllm-fp32,hf", help="which of vllm-bf16, vllm-fp32, hf")
+    parser.add_argument("--engines", default="vllm-bf16,vllm-fp32", help="comma-separated: vllm-bf16, vllm-fp32, hf")
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()}; cpus: {os.cpu_count()}; torch threads: {torch.get_num_threads()}")
     tokenizer, policy = load_tokenizer(args.model), load_policy(args.model, torch.float32)
