@@ -6,10 +6,11 @@ import time
 
 import lightning as L
 import torch
-from tqdm.auto import tqdm
 
+from r3l_lightning.console import PhaseProgress, say
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.explore.episodes import RolloutContext
+from r3l_lightning.rollout_log import save_rollouts
 
 
 def rollout_context(datamodule: L.LightningDataModule, pl_module: L.LightningModule, progress=None) -> RolloutContext:
@@ -48,12 +49,36 @@ def reduce_stats(trainer: L.Trainer, stats: dict[str, float]) -> dict[str, float
     }
 
 
+def epoch_summary(epoch: int, stats: dict[str, float], train_s: float) -> str:
+    """One console line per epoch, e.g. ``epoch 3 | base 0.31 | reflections valid 14/16 |
+    retries 12 → improved 5 | distill 12 sft 5 | explore 17 s | train 2 steps 41 s`` (parts whose
+    statistics the explorer does not report are left out)."""
+    parts = [f"epoch {epoch}", f"base {stats.get('base_success_rate', 0.0):.2f}"]
+    if "reflections" in stats:
+        valid = stats["reflections"] - stats.get("invalid_reflections", 0.0)
+        parts.append(f"reflections valid {valid:.0f}/{stats['reflections']:.0f}")
+    if "retries" in stats:
+        parts.append(f"retries {stats['retries']:.0f} → improved {stats.get('retries_improved', 0.0):.0f}")
+    samples = [f"{kind} {stats[f'samples_{kind}']:.0f}" for kind in ("distill", "retry", "refinement")
+               if stats.get(f"samples_{kind}") or (kind == "distill" and "samples_distill" in stats)]
+    sft = [v for k, v in stats.items() if k.startswith("samples_sft")]
+    if sft:
+        samples.append(f"sft {sum(sft):.0f}")
+    if samples:
+        parts.append(" ".join(samples))
+    parts.append(f"explore {stats.get('time_explore_s', 0.0):.0f} s")
+    parts.append(f"train {stats.get('optimizer_steps', 0.0):.0f} steps {train_s:.0f} s")
+    return " | ".join(parts)
+
+
 class ExplorationCallback(L.Callback):
     """At every epoch start, runs the DataModule's explorer on its next ``tasks_per_epoch`` tasks.
 
     Each rank explores its own shard of the tasks with the module's rollout engine, puts the groups
     and SFT samples into the DataModule's buffer, and agrees with the other ranks on the number of
-    optimizer steps. Statistics are logged under ``explore/``.
+    optimizer steps. Statistics are logged under ``explore/``; the explored groups go to the rollout
+    log (``data.rollout_log``); progress bars show the phases (``show_progress``) and one summary line
+    per epoch is printed when its training ends.
     """
 
     def __init__(self, show_progress: bool = True) -> None:
@@ -65,21 +90,22 @@ class ExplorationCallback(L.Callback):
         datamodule: ExperienceDataModule = trainer.datamodule
         pl_module.rollout_engine.sync_weights()  # every rank reaches this point: safe for collectives
         tasks = datamodule.next_train_tasks(datamodule.tasks_per_epoch, trainer.global_rank, trainer.world_size)
-        bar = tqdm(desc=f"rollouts (epoch {trainer.current_epoch})", unit="seq", leave=False,
-                   disable=not (self.show_progress and trainer.is_global_zero))
+        epoch = trainer.current_epoch
         start = time.perf_counter()
-        try:
-            result = datamodule.explorer.explore(tasks, rollout_context(datamodule, pl_module, bar.update))
-        finally:
-            bar.close()
+        with PhaseProgress(f"epoch {epoch}", self.show_progress and trainer.is_global_zero, trainer) as progress:
+            result = datamodule.explorer.explore(tasks, rollout_context(datamodule, pl_module, progress))
         datamodule.buffer.put(result.groups, result.sft)
         steps = datamodule.plan_epoch(trainer.world_size, reduce_max_fn(trainer))
         stats = dict(result.stats, time_explore_s=time.perf_counter() - start, optimizer_steps=float(steps))
         self.last_stats = reduce_stats(trainer, stats)
+        metrics = {f"explore/{k}": v for k, v in self.last_stats.items()}
         for logger in trainer.loggers:
-            logger.log_metrics({f"explore/{k}": v for k, v in self.last_stats.items()}, step=trainer.global_step)
+            logger.log_metrics({**metrics, "explore/epoch": float(epoch)}, step=trainer.global_step)
+        save_rollouts(trainer, datamodule.rollout_log, "train", epoch, result.records)
         self._epoch_started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        train_s = time.perf_counter() - self._epoch_started
         for logger in trainer.loggers:
-            logger.log_metrics({"time/train_s": time.perf_counter() - self._epoch_started}, step=trainer.global_step)
+            logger.log_metrics({"time/train_s": train_s}, step=trainer.global_step)
+        say(trainer, epoch_summary(trainer.current_epoch, self.last_stats, train_s))

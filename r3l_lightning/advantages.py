@@ -1,9 +1,16 @@
 """Group advantages (spec section 3): R³L positive amplification, its reference-code variant, baselines.
 
-Edge cases: a group whose rewards are all equal (σ = 0) carries no contrast, so every advantage is 0
-in every mode except ``none`` (for ``r3l_reference`` this overrides its "R ≥ 1 → 1.0" rule); a group of
-one is the same case (its unbiased std is undefined). ``none`` returns the rewards unchanged. Ties are
-exact float equality. Statistics are computed in float64; the result is float32.
+Edge cases, per mode (a group of one has no unbiased std; "all equal" means σ = 0):
+
+- ``r3l`` (paper): all equal or one sample → every advantage 0 (no contrast, no RL signal).
+- ``r3l_reference``: exactly the reference code's ``OPMDReweightAdvGroupAdvantage``: its rule applies to
+  equal groups too (an all-success group gets 1.0 each, an all-zero one 0), and a group of one uses
+  baseline 0 (R = 1 → 1.0, R = 0.6 → 3·0.6 = 1.8).
+- ``grpo``, ``mean_baseline``: all equal → 0; a group of one → 0 (``singleton="no_signal"``) or, as the
+  reference code's GRPO/OPMD (``singleton="zero_baseline"``), baseline 0 and σ = 1: R/(1 + eps), resp. R.
+- ``none``: the rewards unchanged, never zeroed.
+
+Ties are exact float equality. Statistics are computed in float64; the result is float32.
 """
 
 from __future__ import annotations
@@ -16,42 +23,54 @@ import torch
 
 AdvantageMode = Literal["r3l", "r3l_reference", "grpo", "mean_baseline", "none"]
 MODES: tuple[str, ...] = ("r3l", "r3l_reference", "grpo", "mean_baseline", "none")
+SingletonRule = Literal["no_signal", "zero_baseline"]
+SINGLETON_RULES: tuple[str, ...] = ("no_signal", "zero_baseline")
 
 
 def group_advantages(
-    rewards: Sequence[float] | torch.Tensor, mode: AdvantageMode = "r3l", alpha: float = 3.0, eps: float = 1e-6
+    rewards: Sequence[float] | torch.Tensor,
+    mode: AdvantageMode = "r3l",
+    alpha: float = 3.0,
+    eps: float = 1e-6,
+    singleton: SingletonRule = "no_signal",
 ) -> torch.Tensor:
-    """Advantages of one group's rewards (1-D), float32, same length and device.
+    """Advantages of one group's rewards (1-D), float32, same length.
 
     - ``r3l`` (paper): A = (R − R̄)/(σ + eps); Â = α if R = R_max (every tie), α·A if A > 0, A otherwise.
-    - ``r3l_reference`` (reference code): s = R − R̄; Â = 1 if R ≥ 1, α·s if s ≥ 0, s otherwise.
+    - ``r3l_reference`` (reference code): b = R̄ (b = 0 for one sample), s = R − b;
+      Â = 1 if R ≥ 1, α·s if s ≥ 0, s otherwise.
     - ``grpo`` (also "R³L w/o positive amplification"): A = (R − R̄)/(σ + eps), σ the unbiased std.
     - ``mean_baseline`` (OPMD/RLOO-style): R − R̄.
     - ``none``: R (no baseline, no normalisation, never zeroed).
 
-    Raises ``ValueError`` for an unknown mode, a non-1-D input or a non-finite reward.
+    ``singleton`` only concerns ``grpo`` and ``mean_baseline`` (see the module docstring).
+    Raises ``ValueError`` for an unknown mode or singleton rule, a non-1-D input or a non-finite reward.
     """
     if mode not in MODES:
         raise ValueError(f"unknown advantage mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if singleton not in SINGLETON_RULES:
+        raise ValueError(f"unknown singleton rule {singleton!r}; valid rules: {', '.join(SINGLETON_RULES)}")
     r = torch.as_tensor(rewards, dtype=torch.float64)
     if r.dim() != 1:
         raise ValueError(f"rewards must be one group (1-D), got shape {tuple(r.shape)}")
     for i, value in enumerate(r.tolist()):
         if not math.isfinite(value):
             raise ValueError(f"reward {i} of the group is not finite ({value})")
-    if mode == "none":
+    if mode == "none" or r.numel() == 0:
         return r.float()
+    if mode == "r3l_reference":
+        s = r - (r.mean() if r.numel() > 1 else 0.0)
+        return torch.where(r >= 1.0, torch.ones_like(r), torch.where(s >= 0, alpha * s, s)).float()
+    if r.numel() == 1 and singleton == "zero_baseline" and mode in ("grpo", "mean_baseline"):
+        return (r / (1.0 + eps) if mode == "grpo" else r).float()
     if r.numel() < 2 or bool((r == r[0]).all()):
         return torch.zeros_like(r, dtype=torch.float32)
     centred = r - r.mean()
     if mode == "mean_baseline":
-        adv = centred
-    elif mode == "r3l_reference":
-        adv = torch.where(r >= 1.0, torch.ones_like(r), torch.where(centred >= 0, alpha * centred, centred))
-    else:
-        adv = centred / (r.std(unbiased=True) + eps)
-        if mode == "r3l":
-            adv = torch.where(r == r.max(), torch.full_like(r, alpha), torch.where(adv > 0, alpha * adv, adv))
+        return centred.float()
+    adv = centred / (r.std(unbiased=True) + eps)
+    if mode == "r3l":
+        adv = torch.where(r == r.max(), torch.full_like(r, alpha), torch.where(adv > 0, alpha * adv, adv))
     return adv.float()
 
 

@@ -1,4 +1,5 @@
-"""The ``r3l`` command: LightningCLI with ``fit`` and an evaluation-only ``evaluate`` subcommand.
+"""``r3l fit`` / ``r3l evaluate``: LightningCLI with ``fit`` and an evaluation-only ``evaluate`` subcommand
+(the ``r3l`` command itself is :mod:`r3l_lightning.command`).
 
     r3l fit --config configs/countdown/r3l.yaml
     r3l evaluate --config configs/countdown/r3l.yaml --model.model_name_or_path runs/.../hf_model
@@ -15,7 +16,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from r3l_lightning.callbacks.evaluation import EvalCallback, describe
+from r3l_lightning.callbacks.run_report import RunReportCallback
 from r3l_lightning.checkpoint_io import AtomicCheckpointIO
+from r3l_lightning.console import quiet_third_party
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.module import R3LModule
 
@@ -50,13 +53,16 @@ class R3LCLI(LightningCLI):
     """LightningCLI for ``R3LModule`` + ``ExperienceDataModule``, with the ``evaluate`` subcommand.
 
     Checkpoints are written by :class:`AtomicCheckpointIO` unless the config names another
-    ``CheckpointIO`` plugin.
+    ``CheckpointIO`` plugin; every fit ends with :class:`RunReportCallback` (key figures, curves.png)
+    unless the config lists its own.
     """
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(c, RunReportCallback) for c in trainer.callbacks):
+            trainer.callbacks.append(RunReportCallback())
         return trainer
 
     @staticmethod
@@ -66,6 +72,7 @@ class R3LCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None) -> R3LCLI:
+    quiet_third_party()
     return R3LCLI(
         R3LModule,
         ExperienceDataModule,

@@ -28,6 +28,7 @@ from r3l_lightning.envs.base import Environment, Task, TaskSource
 from r3l_lightning.explore.base import Explorer
 from r3l_lightning.explore.r3l import R3LExplorer
 from r3l_lightning.mismatch import kind_indices
+from r3l_lightning.rollout_log import DEFAULT_ROLLOUT_LOG, RolloutLog
 from r3l_lightning.trajectory import TrainingSample
 
 MicroBatch = dict[str, torch.Tensor]
@@ -169,6 +170,8 @@ class ExperienceDataModule(L.LightningDataModule):
         groups_per_step: exploration groups (tasks) per optimizer step, summed over all ranks.
         max_tokens_per_micro_batch: padded-token budget (rows × longest row) of one forward pass.
         seed: seeds the task order and the per-epoch shuffling of groups.
+        rollout_log: what ``<log_dir>/rollouts/`` keeps of the explored groups and evaluation rollouts
+            (:class:`~r3l_lightning.rollout_log.RolloutLog`; ``r3l view`` shows them).
     """
 
     def __init__(
@@ -181,6 +184,7 @@ class ExperienceDataModule(L.LightningDataModule):
         groups_per_step: int = 8,
         max_tokens_per_micro_batch: int = 4096,
         seed: int = 0,
+        rollout_log: RolloutLog = DEFAULT_ROLLOUT_LOG,
     ) -> None:
         super().__init__()
         if groups_per_step < 1:
@@ -195,6 +199,7 @@ class ExperienceDataModule(L.LightningDataModule):
         self.groups_per_step = groups_per_step
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.seed = seed
+        self.rollout_log = rollout_log
         self.buffer = ExperienceBuffer()
         self.task_cursor = 0
         self._epoch = 0

@@ -1,4 +1,4 @@
-"""Token logprobs and the policy / SFT losses (spec section 4 and the baselines of section 5).
+"""Token logprobs, the policy / SFT losses and KL estimators (spec section 4 and the baselines of section 5).
 
 Losses return a :class:`LossTerms` (numerator, denominator): the batch loss is numerator/denominator,
 and a caller that accumulates gradients over micro-batches sums the numerators and divides by the
@@ -17,6 +17,8 @@ import torch
 
 Aggregation = Literal["seq-mean-token-mean", "token-mean"]
 AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean")
+KLEstimator = Literal["k3", "k2"]
+KL_ESTIMATORS: tuple[str, ...] = ("k3", "k2")
 
 
 @dataclass
@@ -85,6 +87,11 @@ def token_logprobs(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"token_logprobs needs logits [B, L, V] and input_ids [B, L] of the same B, L; got logits "
+            f"{list(logits.shape)} and input_ids {list(input_ids.shape)}"
+        )
     batch, length, vocab = logits.shape
     # Row (b, t) of the flat view predicts input_ids[b, t + 1]; the last position of each row has no
     # target (dummy 0, its output is dropped and gets no gradient).
@@ -102,9 +109,45 @@ def _check(aggregation: str) -> None:
         raise ValueError(f"unknown aggregation {aggregation!r}; options: {', '.join(AGGREGATIONS)}")
 
 
+def _check_batch(loss_mask: torch.Tensor, **per_token: torch.Tensor | None) -> None:
+    """``loss_mask`` is [B, L] and every given per-token tensor has exactly its shape (no broadcasting)."""
+    if loss_mask.dim() != 2:
+        raise ValueError(f"loss_mask must be [B, L] (one row per sequence), got shape {list(loss_mask.shape)}")
+    for name, tensor in per_token.items():
+        if tensor is not None and tensor.shape != loss_mask.shape:
+            raise ValueError(f"{name} must have the shape of loss_mask {list(loss_mask.shape)}, got {list(tensor.shape)}")
+
+
+def _per_token_advantages(advantages: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """[B] (one per sequence) → [B, 1]; [B, L] (one per token) as is; any other shape is an error."""
+    if advantages.dim() == 1 and advantages.shape[0] == shape[0]:
+        return advantages.float()[:, None]
+    if advantages.shape == shape:
+        return advantages.float()
+    raise ValueError(
+        f"advantages must be one per sequence [B] = [{shape[0]}] or one per token [B, L] = {list(shape)}, "
+        f"got {list(advantages.shape)}"
+    )
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from the sampled tokens' logprobs (the reference code's ``kl_fn.py``).
+
+    With δ = log π_ref − log π_θ: ``k3`` = e^δ − δ − 1 (unbiased, ≥ 0); ``k2`` = ½·δ² (the reference code's
+    default for R³L and OPMD).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {estimator!r}; options: {', '.join(KL_ESTIMATORS)}")
+    delta = ref_logprobs - logprobs
+    if estimator == "k2":
+        return 0.5 * delta.square()
+    return torch.exp(delta) - delta - 1.0
+
+
 def loss_denominator(loss_mask: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
     """Sequences with ≥ 1 trainable token (``seq-mean-token-mean``) or Σ mask (``token-mean``), float."""
     _check(aggregation)
+    _check_batch(loss_mask)
     mask = loss_mask.float()
     if aggregation == "token-mean":
         return mask.sum()
@@ -137,13 +180,17 @@ def policy_loss(
     ratio_level: Literal["token", "sequence"] = "token",
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = "k3",
     shaped: torch.Tensor | None = None,
     shaping_gamma: float | None = None,
     token_weights: torch.Tensor | None = None,
+    opmd_tau: float = 0.0,
 ) -> LossTerms:
-    """Masked policy-gradient loss of a [B, L] batch with one advantage per sequence.
+    """Masked policy-gradient loss of a [B, L] batch.
 
-    Per-token loss ℓ_t:
+    ``advantages`` is one per sequence ([B], broadcast over its tokens) or one per token ([B, L], the
+    layout of verl / Trinity-RFT / TRL); any other shape, and any per-token input whose shape differs
+    from ``loss_mask``'s, raises ``ValueError``. Per-token loss ℓ_t:
 
     - default (R³L): ℓ_t = −Â·log π_t (no ratio, no clip, no KL);
     - with ``old_logprobs`` and ``clip_low`` and/or ``clip_high`` (a missing side is unbounded):
@@ -158,23 +205,32 @@ def policy_loss(
     - with ``token_weights`` ([B, L], no gradient; the rollout correction of
       :func:`~r3l_lightning.mismatch.correction_weights`): the policy-gradient term above becomes w_t·ℓ_t
       (the KL term is not weighted; |τ| and the denominator stay unweighted);
-    - with ``ref_logprobs`` and ``kl_coef > 0``: + kl_coef·k3_t, k3 = exp(ref − log π) − (ref − log π) − 1
-      (on every row, shaped or not).
+    - OPMD's ``opmd_tau`` τ: the policy term above is divided by (1 + τ) (the reference code's
+      ``opmd_policy_loss.py`` divides its token-mean loss by 1 + τ; the KL term is not divided);
+    - with ``ref_logprobs`` and ``kl_coef > 0``: + kl_coef·kl_t, kl_t = :func:`kl_estimate` with
+      ``kl_estimator`` (on every row, shaped or not).
 
     Aggregation ``seq-mean-token-mean``: numerator = Σ over sequences with |τ| > 0 of Σ_t mask·ℓ_t / |τ|,
     denominator = their count; ``token-mean``: numerator = Σ mask·ℓ_t, denominator = Σ mask.
     Metrics (detached, means over trainable tokens): ``clip_fraction`` (ratio outside the clip range)
-    and ``ratio_mean`` over the unshaped rows when the ratio is used, ``kl`` (mean k3) whenever
-    ``ref_logprobs`` is given.
+    and ``ratio_mean`` over the unshaped rows when the ratio is used, ``kl`` (mean of the estimator)
+    whenever ``ref_logprobs`` is given.
     """
     _check(aggregation)
+    _check_batch(
+        loss_mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, token_weights=token_weights
+    )
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"unknown ratio_level {ratio_level!r}; options: token, sequence")
     if shaping_gamma is not None and not shaping_gamma > 0:
         raise ValueError(f"shaping_gamma must be > 0 (or None: no shaping), got {shaping_gamma}")
+    if shaped is not None and shaped.shape != loss_mask.shape[:1]:
+        raise ValueError(f"shaped must be one flag per sequence [B] = [{loss_mask.shape[0]}], got {list(shaped.shape)}")
+    if not opmd_tau >= 0:
+        raise ValueError(f"opmd_tau must be >= 0, got {opmd_tau}")
     mask = loss_mask.float()
     trainable = mask != 0
-    adv = advantages.float()[:, None]
+    adv = _per_token_advantages(advantages, loss_mask.shape)
     shaping = shaping_gamma is not None and shaped is not None
     shaped_rows = shaped.bool()[:, None] if shaping else torch.zeros_like(trainable[:, :1])
     metrics: dict[str, torch.Tensor] = {}
@@ -199,12 +255,13 @@ def policy_loss(
         per_token = torch.where(rows, -adv * prob / (prob + shaping_gamma), per_token)
     if token_weights is not None:
         per_token = per_token * token_weights.detach()
+    if opmd_tau:
+        per_token = per_token / (1.0 + opmd_tau)
     if ref_logprobs is not None:
-        delta = torch.where(trainable, ref_logprobs - logprobs, 0.0)
-        k3 = torch.exp(delta) - delta - 1.0
-        metrics["kl"] = _masked_mean(k3, mask)
+        kl = kl_estimate(torch.where(trainable, logprobs, 0.0), torch.where(trainable, ref_logprobs, 0.0), kl_estimator)
+        metrics["kl"] = _masked_mean(kl, mask)
         if kl_coef > 0:
-            per_token = per_token + kl_coef * k3
+            per_token = per_token + kl_coef * kl
     terms = _aggregate(per_token, mask, aggregation)
     terms.metrics = metrics
     return terms
@@ -212,5 +269,6 @@ def policy_loss(
 
 def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> LossTerms:
     """Mean token negative log-likelihood of the targets: Σ −log p·mask / Σ mask."""
+    _check_batch(loss_mask, logprobs=logprobs)
     mask = loss_mask.float()
     return LossTerms(-torch.where(mask != 0, logprobs * mask, 0.0).sum(), mask.sum())

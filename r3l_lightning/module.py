@@ -27,8 +27,8 @@ class R3LModule(L.LightningModule):
     explorer's advantages (no importance ratio, no clipping, no KL, no reference model) unless a
     baseline asks for them: ``clip_low``/``clip_high`` turn on the clipped importance ratio against
     the rollout logprobs (``ratio_level`` token or sequence), ``kl_coef > 0`` loads a frozen
-    reference model for the k3 KL term, ``shaping_gamma`` trains refinement samples with
-    Critique-GRPO's policy shaping.
+    reference model for the KL term (``kl_estimator`` k3 or k2), ``shaping_gamma`` trains refinement
+    samples with Critique-GRPO's policy shaping, ``opmd_tau`` divides the policy term by 1 + τ (OPMD).
 
     Optimisation is manual: one dataloader item is one optimizer step made of micro-batches whose
     token counts differ, so the loss of each micro-batch is divided by the STEP's denominator
@@ -40,9 +40,13 @@ class R3LModule(L.LightningModule):
             (vLLM on CUDA machines with vLLM installed, ``HFEngine`` on the policy itself otherwise).
         aggregation: ``seq-mean-token-mean`` (spec) or ``token-mean``.
         sft_coef: λ_sft.
+        kl_coef, kl_estimator: weight and estimator (``k3`` or ``k2``, see :func:`~r3l_lightning.losses.kl_estimate`)
+            of the KL term to the frozen reference model, which is loaded only when ``kl_coef > 0``.
+        opmd_tau: OPMD's τ: the policy-gradient term is divided by 1 + τ (the KL term is not).
         shaping_gamma: γ of Critique-GRPO's policy shaping f(π) = π/(π + γ) on refinement samples
             (``None``: off, refinements train like any other sample); see :func:`~r3l_lightning.losses.policy_loss`.
-        lr, weight_decay, betas, warmup_steps: AdamW with linear warmup, then constant.
+        lr, weight_decay, betas, warmup_steps: AdamW with linear warmup, then constant (weight decay 0.01:
+            AdamW's usual default and the reference code's; the paper does not state it).
         max_grad_norm: gradient-norm clipping (``None`` disables).
         model_dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPUs, or fp32 weights with
             the Trainer's ``precision: bf16-mixed``).
@@ -67,9 +71,11 @@ class R3LModule(L.LightningModule):
         clip_high: float | None = None,
         ratio_level: Literal["token", "sequence"] = "token",
         kl_coef: float = 0.0,
+        kl_estimator: Literal["k3", "k2"] = "k3",
         shaping_gamma: float | None = None,
+        opmd_tau: float = 0.0,
         lr: float = 1e-6,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
@@ -235,9 +241,11 @@ class R3LModule(L.LightningModule):
             ratio_level=hp.ratio_level,
             ref_logprobs=ref_logprobs,
             kl_coef=hp.kl_coef,
+            kl_estimator=hp.kl_estimator,
             shaped=mb["shaped"],
             shaping_gamma=hp.shaping_gamma,
             token_weights=None if weighted is None else weighted[0],
+            opmd_tau=hp.opmd_tau,
         )
         sft = sft_loss(logprobs, sft_mask)
         loss = rl.numerator / rl_denom + hp.sft_coef * sft.numerator / sft_denom

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
-SampleKind = Literal["base", "distill", "retry", "refinement", "sft_reflect", "sft_retry", "sft_success", "eval"]
+SampleKind = Literal[
+    "base", "distill", "retry", "reflection", "refinement", "sft_reflect", "sft_retry", "sft_success", "eval"
+]
 
 
 @dataclass
@@ -69,6 +71,13 @@ class TrainingSample:
     group_id: str = ""
     old_logprobs: list[float] | None = None
     num_assistant_tokens: int = 0  # trainable or masked by the pivot; for the masked-fraction metric
+
+    def __post_init__(self) -> None:
+        # one entry per token: a shorter list would be broadcast (silently) when batched
+        for name in ("loss_mask", "old_logprobs"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.input_ids):
+                raise ValueError(f"TrainingSample.{name} has {len(values)} entries for {len(self.input_ids)} tokens")
 
     @property
     def is_sft(self) -> bool:
@@ -192,7 +201,13 @@ def make_sample(
     first_trainable_turn: int = 0,
     group_id: str = "",
 ) -> TrainingSample:
-    """A training sample whose loss mask covers assistant turns ``>= first_trainable_turn``."""
+    """A training sample whose loss mask covers assistant turns ``>= first_trainable_turn``.
+
+    ``first_trainable_turn`` is in [0, number of turns] (= the number of turns: nothing trainable).
+    """
+    if not 0 <= first_trainable_turn <= len(conversation.turn_spans):
+        raise ValueError(f"first_trainable_turn must be in [0, {len(conversation.turn_spans)}] (the number of "
+                         f"assistant turns), got {first_trainable_turn}")
     mask = [0.0] * len(conversation.input_ids)
     for k, (start, end) in enumerate(conversation.turn_spans):
         if k >= first_trainable_turn:

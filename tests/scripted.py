@@ -1,7 +1,9 @@
-"""Test doubles: a scripted rollout engine and a small deterministic guessing environment."""
+"""Test doubles: scripted rollout engines, a small deterministic guessing environment, and a reward a random
+model can learn (``TokenDirectionEnv``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -14,21 +16,27 @@ import lightning.pytorch.strategies.fsdp as lightning_fsdp
 from lightning.pytorch.strategies import FSDPStrategy
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+from r3l_lightning.engines.constraints import Constraint
+from r3l_lightning.engines.hf import HFEngine
 from r3l_lightning.envs.base import Environment, Episode, StepResult, Task, TaskSource
 from r3l_lightning.explore import GroupExplorer, R3LExplorer
 
 
 class ScriptedEngine(RolloutEngine):
-    """Answers every prompt with ``script(prompt_text)``; records each generate call's batch size."""
+    """Answers every prompt with ``script(prompt_text)``; records each generate call's batch size and the
+    constraints it was asked to decode under (``constraints``, one list per call)."""
 
     def __init__(self, script: Callable[[str], str], tokenizer, eos_id: int) -> None:
         self.script = script
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.calls: list[int] = []
+        self.constraints: list[list[Constraint | None] | None] = []
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 constraints: list[Constraint | None] | None = None) -> list[list[Completion]]:
         self.calls.append(len(prompts))
+        self.constraints.append(constraints)
         out = []
         for p in prompts:
             text = self.script(self.tokenizer.decode(p, skip_special_tokens=False))
@@ -187,3 +195,70 @@ class NaNExplorer(GroupExplorer):
             for sample in group:
                 sample.advantage = float("nan")
         return result
+
+
+class TokenDirectionEpisode(Episode):
+    def __init__(self, env: "TokenDirectionEnv") -> None:
+        self.env, self.turn, self.score = env, 0, 0.0
+
+    def reset(self) -> str:
+        self.turn, self.score = 0, 0.0
+        return "Reply."
+
+    def step(self, action: str) -> StepResult:
+        self.turn += 1
+        ids = self.env.tokenizer(action, add_special_tokens=False)["input_ids"]
+        self.score = sum(i in self.env.rewarded for i in ids) / len(ids) if ids else 0.0
+        done = self.score >= 1.0 or self.turn >= self.env.max_turns
+        return StepResult(f"Score {self.score:.2f}. Try again.", self.score, done)
+
+    def feedback(self) -> str:
+        return f"The last reply scored {self.score:.2f}."
+
+
+class TokenDirectionEnv(Environment):
+    """A reward a random model can learn in a few optimizer steps: the fraction of a reply's tokens whose input
+    embedding has a first coordinate above the ``1 - fraction`` quantile. Those tokens share a direction of
+    the (tied) embedding matrix, so raising one coordinate of the last hidden state raises all of their
+    logits together (a random subset of the vocabulary would have to be learned token by token). The
+    reply (text) is re-tokenised to score it. Up to ``max_turns`` replies; the last one is scored."""
+
+    def __init__(self, model: str = "tiny-random-smollm2", fraction: float = 0.2, max_turns: int = 2) -> None:
+        from r3l_lightning.models import load_policy, load_tokenizer
+
+        self.max_turns = max_turns
+        self.tokenizer = load_tokenizer(model)
+        first = load_policy(model).get_input_embeddings().weight[:, 0].detach()
+        threshold = first.quantile(1.0 - fraction)
+        self.rewarded = set((first > threshold).nonzero().flatten().tolist())
+
+    def system_prompt(self) -> str:
+        return "Reply with any words."
+
+    def make_episode(self, task: Task) -> Episode:
+        return TokenDirectionEpisode(self)
+
+
+class ScriptedReflectionEngine(HFEngine):
+    """The HF engine on the real policy, except that schema-constrained calls (reflections) get a scripted
+    valid report: a failure that retries from the last turn, or a success when the schema allows only that."""
+
+    def __init__(self, max_batch_size: int = 64) -> None:
+        super().__init__(max_batch_size)
+        self.reflections = 0
+
+    def generate(self, prompts, params, constraints=None):
+        if constraints is None or all(c is None or c.json_schema is None for c in constraints):
+            return super().generate(prompts, params, constraints)
+        out = []
+        for schema in (c.json_schema for c in constraints):
+            failure = "anyOf" not in schema
+            steps = schema["properties"]["retry_from_step"]["enum"] if failure else None
+            report = {"trajectory_summary": "lower-case reply", "root_cause_analysis": "ignored the instruction",
+                      "trajectory_outcome": "failure" if failure else "success",
+                      "improvement_suggestion": "use capitals" if failure else None,
+                      "retry_from_step": steps[-1] if failure else None}
+            ids = self.tokenizer(json.dumps(report), add_special_tokens=False)["input_ids"] + [self.eos_token_ids[0]]
+            out.append([Completion(ids, [-1.0] * len(ids), "stop") for _ in range(params.n)])
+            self.reflections += 1
+        return out

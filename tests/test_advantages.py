@@ -10,8 +10,6 @@ import torch
 
 from r3l_lightning.advantages import MODES, advantage_stats, group_advantages
 
-RL_MODES = ["r3l", "r3l_reference", "grpo", "mean_baseline"]
-
 
 def check(rewards, mode, expected, alpha=3.0, eps=0.0):
     got = group_advantages(rewards, mode=mode, alpha=alpha, eps=eps)
@@ -76,13 +74,44 @@ def test_eps_is_added_to_the_std():
     torch.testing.assert_close(got, torch.tensor([3.0, -0.499999000002, -0.499999000002, -0.499999000002]))
 
 
-@pytest.mark.parametrize("mode", RL_MODES)
-def test_no_contrast_means_no_signal(mode):
-    check([1.0, 1.0, 1.0], mode, [0.0, 0.0, 0.0], eps=1e-6)  # σ = 0, even for successes (also r3l_reference)
-    check([0.3, 0.3], mode, [0.0, 0.0], eps=1e-6)
-    check([1.0], mode, [0.0], eps=1e-6)  # singleton: unbiased std undefined
+@pytest.mark.parametrize("mode", ["r3l", "grpo", "mean_baseline"])
+@pytest.mark.parametrize("singleton", ["no_signal", "zero_baseline"])
+def test_no_contrast_means_no_signal(mode, singleton):
+    for rewards in ([1.0, 1.0, 1.0], [0.3, 0.3], [0.0] * 4, []):  # σ = 0, even for successes
+        got = group_advantages(rewards, mode=mode, singleton=singleton)
+        torch.testing.assert_close(got, torch.zeros(len(rewards)))
+
+
+@pytest.mark.parametrize("mode", ["r3l", "grpo", "mean_baseline"])
+def test_a_group_of_one_carries_no_signal_by_default(mode):
+    check([1.0], mode, [0.0], eps=1e-6)  # unbiased std undefined: no contrast
     check([0.7], mode, [0.0], eps=1e-6)
-    check([], mode, [], eps=1e-6)
+
+
+def test_a_group_of_one_as_the_reference_code_grpo_and_opmd():
+    # Trinity's GRPOGroupAdvantage / OPMDGroupAdvantage: len(exps) == 1 → mean 0, std 1, so
+    # grpo: (R − 0)/(1 + 1e-6): .7/1.000001 = .6999993, 1/1.000001 = .999999; mean_baseline: R − 0 = R
+    for rewards, grpo in (([0.7], [0.6999993]), ([1.0], [0.999999]), ([0.0], [0.0])):
+        torch.testing.assert_close(group_advantages(rewards, "grpo", singleton="zero_baseline"), torch.tensor(grpo))
+        torch.testing.assert_close(group_advantages(rewards, "mean_baseline", singleton="zero_baseline"),
+                                   torch.tensor(rewards))
+    # the paper's r3l keeps "no contrast → 0" whatever the singleton rule
+    torch.testing.assert_close(group_advantages([1.0], "r3l", singleton="zero_baseline"), torch.tensor([0.0]))
+
+
+def test_reference_variant_on_equal_and_single_sample_groups_as_the_reference_code():
+    # OPMDReweightAdvGroupAdvantage: b = mean (n > 1) or 0 (n = 1); s = R − b; R ≥ 1 → 1; s ≥ 0 → 3s; else s
+    check([1.0, 1.0, 1.0], "r3l_reference", [1.0, 1.0, 1.0])  # all succeed: 1.0 each, not 0
+    check([0.3, 0.3], "r3l_reference", [0.0, 0.0])  # s = 0 ≥ 0 → 3·0 = 0
+    check([0.0, 0.0], "r3l_reference", [0.0, 0.0])
+    check([1.0], "r3l_reference", [1.0])  # baseline 0, R ≥ 1 → 1
+    check([0.6], "r3l_reference", [1.8])  # s = .6 − 0 ≥ 0 → 3·.6
+    check([0.6], "r3l_reference", [1.2], alpha=2.0)  # 2·.6
+    check([0.0], "r3l_reference", [0.0])  # s = 0 → 0
+    check([-0.5], "r3l_reference", [-0.5])  # a penalised reward: s < 0 stays
+    check([], "r3l_reference", [])
+    # the singleton rule does not change the reference variant (it has its own)
+    torch.testing.assert_close(group_advantages([0.6], "r3l_reference", singleton="no_signal"), torch.tensor([1.8]))
 
 
 def test_none_mode_is_never_zeroed():
@@ -107,6 +136,8 @@ def test_bad_input_is_named():
         group_advantages([0.0, 1.0], mode="ppo")
     with pytest.raises(ValueError, match="1-D"):
         group_advantages([[0.0, 1.0]])
+    with pytest.raises(ValueError, match="valid rules: no_signal, zero_baseline"):
+        group_advantages([0.0, 1.0], singleton="zero")
 
 
 def test_advantage_stats():

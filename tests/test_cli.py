@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke" / "tiny.yaml"
 
 
-def test_fit_two_epochs_writes_metrics_checkpoint_and_hf_model(tmp_path):
+def test_fit_two_epochs_writes_metrics_checkpoint_hf_model_rollouts_and_curves(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(SMOKE)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -41,6 +43,24 @@ def test_fit_two_epochs_writes_metrics_checkpoint_and_hf_model(tmp_path):
     assert list(run_dir.glob("**/checkpoints/last.ckpt"))
     (hf_dir,) = list(run_dir.glob("**/hf_model"))
     assert (hf_dir / "config.json").exists() and (hf_dir / "model.safetensors").exists()
+    # what the agent did: one JSON line per group (2 tasks per epoch), eval rollouts after 0, 1, 2 epochs
+    log_dir = metrics.parent
+    rollouts = {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in (log_dir / "rollouts").iterdir()}
+    assert sorted(rollouts) == ["epoch_0.jsonl", "epoch_1.jsonl", "eval_0.jsonl", "eval_1.jsonl", "eval_2.jsonl"]
+    assert [len(rollouts[f"epoch_{k}.jsonl"]) for k in (0, 1)] == [2, 2]
+    assert all(len(g["attempts"]) == 2 and g["attempts"][0]["reflection"] is not None for g in rollouts["epoch_0.jsonl"])
+    assert len(rollouts["eval_0.jsonl"]) == 4  # the smoke config's 4 eval tasks
+    assert "epoch 0 | base 0.00 | reflections valid " in proc.stdout + proc.stderr  # the per-epoch summary
+    assert "dataloader_iter" not in proc.stderr and "litlogger" not in proc.stderr  # Lightning's notes: dropped
+    assert (log_dir / "curves.png").read_bytes().startswith(b"\x89PNG")  # drawn at the end of the fit
+    tool = lambda *args: subprocess.run([sys.executable, "-m", "r3l_lightning.command", *args],  # noqa: E731
+                                        capture_output=True, text=True, timeout=120)
+    view = tool("view", str(run_dir))
+    assert view.returncode == 0 and f"wrote {log_dir / 'rollouts.html'} (16 groups" in view.stdout, view.stderr
+    report = tool("report", str(run_dir), "-o", str(tmp_path / "again.png"))
+    assert report.returncode == 0 and re.search(r"eval success: \d\.\d{3} before training → \d\.\d{3} after 2 epochs",
+                                                report.stdout), report.stdout
+    assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_print_config_is_complete_and_rerunnable(tmp_path, capsys):
@@ -112,7 +132,7 @@ def test_evaluate_subcommand_reports_success_rate(tmp_path, monkeypatch, capsys)
     assert "[eval evaluate] success_rate=" in out.out + out.err
 
 
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("methods", "gpu"))
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("methods", "gpu", "loggers"))
 METHODS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 GPU_OVERLAYS = sorted((ROOT / "configs" / "gpu").glob("*.yaml"))
 
@@ -134,6 +154,14 @@ def test_gpu_overlays_parse_on_top_of_a_task_config(overlay, capsys):
                   "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["trainer"]["accelerator"] == "gpu" or "VLLMEngine" in config["model"]["engine"]["class_path"]
+
+
+def test_wandb_overlay_adds_a_wandb_logger_to_the_task_loggers(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(ROOT / "configs" / "countdown" / "r3l.yaml"),
+                  "--config", str(ROOT / "configs" / "loggers" / "wandb.yaml"), "--print_config"])
+    loggers = [lg["class_path"].rsplit(".", 1)[1] for lg in yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]]
+    assert loggers == ["CSVLogger", "TensorBoardLogger", "WandbLogger"]  # the CSV logger stays first: log_dir
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)

@@ -3,6 +3,7 @@ and train to the same weights as one process on the same data."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,9 @@ def test_ddp_with_uneven_ranks_finishes_with_identical_weights(tmp_path):
     initial = load_policy(TINY_RANDOM).state_dict()
     assert max((rank0[k] - rank1[k]).abs().max().item() for k in rank0) == 0.0
     assert max((rank0[k] - initial[k]).abs().max().item() for k in rank0) > 0.0  # it trained
+    # rank 1 sent its group to rank 0, which wrote the epoch's one rollout file: rank r's task has 2 + 2·r attempts
+    (rollouts,) = tmp_path.glob("runs/smoke/csv/version_*/rollouts/epoch_0.jsonl")
+    assert sorted(len(json.loads(line)["attempts"]) for line in rollouts.read_text().splitlines()) == [2, 4]
 
 
 def _fixed_data_run(tmp: Path, *extra: str) -> dict[str, torch.Tensor]:

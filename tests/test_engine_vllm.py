@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def test_r3l_fit_with_the_vllm_engine_runs_two_epochs(tmp_path):
         "--model.engine", "r3l_lightning.engines.vllm.VLLMEngine", "--model.engine.init_args.enforce_eager", "true",
         "--model.engine.init_args.kv_cache_gib", "0.25", "--model.engine.init_args.max_model_len", "1024",
         "--trainer.max_epochs", "2",
-    ], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    ], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, VLLM_LOGGING_CONFIG_PATH=""))  # vLLM's own logging: r3l's quiet one drops its INFO
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "`max_epochs=2` reached" in output and "[eval after training] success_rate=" in output

@@ -97,7 +97,9 @@ def test_correct_answer_with_trailing_equals_scores_one(episode):
 @pytest.mark.parametrize(
     "answer, outcome, text",
     [("3 + 5 + 2", "incorrect", "evaluates to 10"), ("(3 + 5) * 2 * 2", "incorrect", "uses [2] beyond"),
-     ("(3 + 5) * 1 * 2", "incorrect", "uses [1] beyond"), ("(3 + 13)", "incorrect", "does not use [2, 5]"),
+     ("(3 + 5) * 1 * 2", "incorrect", "uses [1] beyond"),
+     # 8·2·2/2 = 16 HITS the target but uses 2 three times: only a count (not a set) of numbers rejects it
+     ("(3 + 5) * 2 * 2 / 2", "incorrect", "uses [2, 2] beyond"), ("(3 + 13)", "incorrect", "does not use [2, 5]"),
      ("3 + 5 = 16", "incorrect", "evaluates to 8"), ("3 + 5 * 2 = 8 * 2", "invalid_equation", "not a valid"),
      ("3 / (5 - 5) + 2", "invalid_equation", "division by zero"),
      ("__import__('os')", "invalid_equation", "only integers")],

@@ -9,6 +9,7 @@ import pytest
 
 from r3l_lightning.explore.episodes import RolloutContext
 from r3l_lightning.explore import CritiqueGRPOExplorer, GroupExplorer, R3LExplorer
+from r3l_lightning.explore.group import overlong_penalty
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
 
 REFLECTION = {
@@ -162,55 +163,56 @@ def test_without_pivotal_credit_every_turn_is_trainable(tiny_chat):
     assert _text(tiny_chat, distill, trainable_only=True) == "pear<|im_end|>apple<|im_end|>"
 
 
-def test_reflect_grpo_mode_retries_failures_from_scratch_and_trains_the_guided_retry(tiny_chat):
-    result, engine = run(tiny_chat, json.dumps(REFLECTION), advantage="grpo", reflect_on="failures",
-                         retry_from_scratch=True, distill=False, pivotal_credit=False, sft_rule="none")
-    group = result.groups[0]
-    assert [s.kind for s in group] == ["base", "retry", "base", "retry"]
-    retry = group[1]
-    text = _text(tiny_chat, retry)
-    assert "previous attempt at this task had issues" in text.split("<|im_end|>")[0]  # in the system prompt
-    assert _text(tiny_chat, retry, trainable_only=True) == "apple<|im_end|>"  # from scratch: one turn
-    assert result.sft == []
-    assert [s.advantage for s in group] == pytest.approx([-0.8660254, 0.8660254] * 2, abs=1e-5)
-
-
-def test_only_failures_are_reflected_on_when_asked(tiny_chat):
-    env = GuessEnv(max_turns=3)
-    engine = ScriptedEngine(script(json.dumps(REFLECTION), base_answer="apple"), tiny_chat.tokenizer,
-                            tiny_chat.tokenizer.eos_token_id)
-    R3LExplorer(group_size=4, reflect_on="failures").explore([GuessTasks(1)[0]], RolloutContext(env, engine, tiny_chat))
-    assert engine.calls == [2]  # both base episodes won at once: no reflection call
-
-
-def test_group_options_drop_uniform_groups_scale_and_overlong_penalty(tiny_chat):
-    env = GuessEnv(max_turns=1)
+def test_drop_uniform_groups(tiny_chat):
     engine = ScriptedEngine(lambda p: "pear", tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
-    ctx = RolloutContext(env, engine, tiny_chat)
+    ctx = RolloutContext(GuessEnv(max_turns=1), engine, tiny_chat)
     dropped = GroupExplorer(group_size=3, drop_uniform_groups=True).explore([GuessTasks(1)[0]], ctx)
     assert dropped.groups == [] and dropped.stats["groups_dropped"] == 1
-    # alternate answers: rewards [1, 0]; mean_baseline [.5, -.5] scaled by 1/(1 + τ) with τ = 1
-    answers = iter(["apple", "pear"] * 2)
-    engine.script = lambda p: next(answers)
-    opmd = GroupExplorer(group_size=2, advantage="mean_baseline", advantage_scale=0.5).explore([GuessTasks(1)[0]], ctx)
-    assert [s.advantage for s in opmd.groups[0]] == pytest.approx([0.25, -0.25])
 
 
-def test_overlong_penalty_lowers_the_reward_of_truncated_trajectories(tiny_chat):
-    from r3l_lightning.engines.base import Completion
+@pytest.mark.parametrize(
+    "length, expected",
+    # max 512, buffer 400 → L_exp = 112: ≤ 112 → 0; (112 - L)/400 up to 512; beyond 512 → -1
+    [(0, 0.0), (112, 0.0), (113, -0.0025), (312, -0.5), (512, -1.0), (513, -1.0), (5000, -1.0)],
+)
+def test_soft_overlong_penalty_by_hand(length, expected):
+    assert overlong_penalty(length, 512, 400, 1.0) == pytest.approx(expected)
+    assert overlong_penalty(length, 512, 400, 0.5) == pytest.approx(expected / 2)
 
-    class Truncating(ScriptedEngine):
-        def generate(self, prompts, params):
-            out = super().generate(prompts, params)
-            return [[Completion(c.token_ids[:-1], c.logprobs[:-1], "length") for c in o] if i == 0 else o
-                    for i, o in enumerate(out)]
 
-    engine = Truncating(lambda p: "apple", tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
-    result = GroupExplorer(group_size=2, advantage="mean_baseline", overlong_penalty=0.5).explore(
-        [GuessTasks(1)[0]], RolloutContext(GuessEnv(max_turns=1), engine, tiny_chat))
-    # both win (R = 1) but the first was truncated: rewards [.5, 1] -> [-.25, .25]
-    assert [s.advantage for s in result.groups[0]] == pytest.approx([-0.25, 0.25])
-    assert result.stats["overlong_responses"] == 1
+def test_overlong_penalty_is_added_to_the_reward_of_long_responses(tiny_chat):
+    short, long = "apple", "apple apple apple apple"
+    a, b = (len(tiny_chat.tokenizer(w, add_special_tokens=False)["input_ids"]) + 1 for w in (short, long))  # + <|im_end|>
+    answers = iter([short, long])
+    engine = ScriptedEngine(lambda p: next(answers), tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    explorer = GroupExplorer(group_size=2, advantage="mean_baseline", overlong_penalty=0.5, overlong_max_tokens=b,
+                             overlong_buffer_tokens=b - a)
+    result = explorer.explore([GuessTasks(1, {short: 1.0, long: 1.0})[0]],
+                              RolloutContext(GuessEnv(max_turns=1), engine, tiny_chat))
+    # L_exp = b - (b - a) = a: the short answer gets 0, the long one (L = b = L_max) (a - b)/(b - a)·.5 = -.5;
+    # rewards [1, .5] → R̄ = .75 → [.25, -.25]
+    assert [s.advantage for s in result.groups[0]] == pytest.approx([0.25, -0.25])
+
+
+def test_overlong_length_after_the_first_prompt_counts_observations_too(tiny_chat):
+    # two turns, "pear" (wrong) then "apple"; L_max = the two responses' tokens together, buffer 1.
+    # longest response ≤ L_max - 1 → no penalty; everything after the first prompt (both responses, the
+    # observation and the chat template's tokens) > L_max → -1 (the reference code's measure)
+    p, a = (len(tiny_chat.tokenizer(w, add_special_tokens=False)["input_ids"]) + 1 for w in ("pear", "apple"))
+    script = lambda prompt: "apple" if "'pear' is wrong" in prompt else "pear"  # noqa: E731
+    for measure, advantage in (("longest_response", 1.0), ("after_first_prompt", 0.0)):
+        engine = ScriptedEngine(script, tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+        explorer = GroupExplorer(group_size=1, advantage="none", overlong_penalty=1.0, overlong_max_tokens=p + a,
+                                 overlong_buffer_tokens=1, overlong_length=measure)
+        result = explorer.explore([GuessTasks(1)[0]], RolloutContext(GuessEnv(max_turns=2), engine, tiny_chat))
+        assert [s.advantage for s in result.groups[0]] == [advantage]  # R = 1 plus the penalty
+
+
+def test_overlong_options_are_checked():
+    with pytest.raises(ValueError, match="0 < overlong_buffer_tokens <= overlong_max_tokens"):
+        GroupExplorer(overlong_penalty=1.0)  # no buffer
+    with pytest.raises(ValueError, match="overlong_length must be"):
+        GroupExplorer(overlong_length="total")
 
 
 def test_raft_keeps_only_successes_as_sft(tiny_chat):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from r3l_lightning.losses import AGGREGATIONS, loss_denominator, policy_loss, sft_loss, token_logprobs
+from r3l_lightning.losses import AGGREGATIONS, kl_estimate, loss_denominator, policy_loss, sft_loss, token_logprobs
 
 TIGHT = {"rtol": 1e-6, "atol": 1e-6}
 
@@ -114,6 +114,49 @@ def test_reinforce_loss_by_hand_token_mean():
     terms = policy_loss(LOGP, MASK, ADV, aggregation="token-mean")
     assert_close(terms.numerator, scalar(1.6), **TIGHT)
     assert_close(terms.denominator, scalar(5.0), **TIGHT)
+
+
+def test_per_token_advantages_by_hand():
+    # Â per token (values on masked tokens must not matter): row 0 tokens 1, 2 get 2, 1; row 1 tokens 2..4
+    # get -1, -2, 3. ℓ = -Â·logp: 2·1 = 2, 1·2 = 2 | -(-1)(-.4) = -.4, -(-2)(-3) = -6, -(3)(-1) = 3
+    adv = torch.tensor([[99.0, 2.0, 1.0, 99.0, 99.0], [99.0, 99.0, -1.0, -2.0, 3.0]])
+    terms = policy_loss(LOGP, MASK, adv, aggregation="token-mean")
+    assert_close(terms.numerator, scalar(0.6), **TIGHT)  # 2 + 2 - .4 - 6 + 3
+    assert_close(terms.denominator, scalar(5.0), **TIGHT)
+    seq = policy_loss(LOGP, MASK, adv)  # row 0: (2 + 2)/2 = 2; row 1: (-.4 - 6 + 3)/3 = -1.1333333
+    assert_close(seq.numerator, scalar(0.8666666667), **TIGHT)
+    # one advantage per sequence is the same as that advantage on each of its tokens
+    per_sequence = policy_loss(LOGP, MASK, ADV, old_logprobs=LOGP - 0.1, clip_low=0.2, clip_high=0.2)
+    per_token = policy_loss(LOGP, MASK, ADV[:, None].expand(2, 5), old_logprobs=LOGP - 0.1, clip_low=0.2,
+                            clip_high=0.2)
+    assert torch.equal(per_sequence.numerator, per_token.numerator)
+
+
+@pytest.mark.parametrize("shape", [(5, 2), (2, 1), (3,), (2, 5, 1), ()])
+def test_advantages_of_any_other_shape_are_rejected(shape):
+    # [B, 1] would broadcast to the right values but is still ambiguous: only [B] or [B, L] are accepted
+    with pytest.raises(ValueError, match=r"advantages must be one per sequence \[B\] = \[2\] or one per token "
+                                         r"\[B, L\] = \[2, 5\], got \[" + ", ".join(map(str, shape))):
+        policy_loss(LOGP, MASK, torch.ones(shape))
+
+
+def test_per_token_inputs_of_another_shape_are_rejected():
+    with pytest.raises(ValueError, match=r"logprobs must have the shape of loss_mask \[2, 5\], got \[2, 4\]"):
+        policy_loss(LOGP[:, :4], MASK, ADV)
+    with pytest.raises(ValueError, match=r"old_logprobs must have the shape of loss_mask \[2, 5\], got \[5\]"):
+        policy_loss(LOGP, MASK, ADV, old_logprobs=LOGP[0], clip_low=0.2)
+    with pytest.raises(ValueError, match=r"ref_logprobs must have the shape of loss_mask \[2, 5\], got \[1, 5\]"):
+        policy_loss(LOGP, MASK, ADV, ref_logprobs=LOGP[:1], kl_coef=0.1)
+    with pytest.raises(ValueError, match=r"shaped must be one flag per sequence \[B\] = \[2\], got \[2, 1\]"):
+        policy_loss(LOGP, MASK, ADV, shaped=torch.ones(2, 1, dtype=torch.bool), shaping_gamma=0.1)
+    with pytest.raises(ValueError, match=r"loss_mask must be \[B, L\]"):
+        policy_loss(LOGP[0], MASK[0], ADV[:1])
+    with pytest.raises(ValueError, match=r"logprobs must have the shape of loss_mask"):
+        sft_loss(LOGP, MASK[:1])
+    with pytest.raises(ValueError, match=r"loss_mask must be \[B, L\]"):
+        loss_denominator(MASK[0], "token-mean")
+    with pytest.raises(ValueError, match=r"logits \[B, L, V\] and input_ids \[B, L\]"):
+        token_logprobs(torch.zeros(2, 3, 7), torch.zeros(2, 4, dtype=torch.long))
 
 
 def test_weighted_mask():
@@ -268,6 +311,38 @@ def test_k3_kl_by_hand():
     assert_close(monitor.metrics["kl"], scalar(0.4124062441), **TIGHT)
 
 
+def test_k2_kl_by_hand():
+    logp = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, -1.5, -1.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    # the reference code's K2Fn: (logprob - ref_logprob)² · .5 = [.5², (-1)²]·.5 = [.125, .5]
+    assert_close(kl_estimate(logp, ref, "k2")[0, 1:], torch.tensor([0.125, 0.5]), **TIGHT)
+    # R³L's reference setting: k2, coefficient .001, token-mean: .001·(.125 + .5)/2 = .0003125
+    terms = policy_loss(logp, mask, torch.tensor([0.0]), aggregation="token-mean", ref_logprobs=ref, kl_coef=0.001,
+                        kl_estimator="k2")
+    assert_close(terms.numerator / terms.denominator, scalar(0.0003125), rtol=1e-6, atol=0.0)
+    assert_close(terms.metrics["kl"], scalar(0.3125), **TIGHT)  # (.125 + .5)/2
+    (terms.numerator / terms.denominator).backward()
+    # ∂k2/∂logp = logp - ref = [.5, -1]; ·.001/2 = [.00025, -.0005]
+    assert_close(logp.grad, torch.tensor([[0.0, 0.00025, -0.0005]]), rtol=1e-6, atol=0.0)
+    # k3 of the same tokens (δ = ref - logp = [-.5, 1]): e^δ - δ - 1 = [.10653066, .71828183]
+    assert_close(kl_estimate(logp, ref, "k3")[0, 1:], torch.tensor([0.1065306597, 0.7182818285]), **TIGHT)
+
+
+def test_opmd_tau_halves_the_token_mean_policy_term_but_not_the_kl():
+    # the reference code's OPMD loss: masked_mean(-Â·logp)/(1 + τ) + kl_coef·masked_mean(k2), τ = 1.
+    # policy: (2 + 4 - .4 - 3 - 1)/5 = .32 → /2 = .16; k2 against ref = 0: ½·logp² on the 5 trainable
+    # tokens = .5, 2, .08, 4.5, .5 → mean 7.58/5 = 1.516 → ·.001 = .001516; total .161516
+    ref = torch.zeros_like(LOGP)
+    terms = policy_loss(LOGP, MASK, ADV, aggregation="token-mean", ref_logprobs=ref, kl_coef=0.001,
+                        kl_estimator="k2", opmd_tau=1.0)
+    assert_close(terms.numerator / terms.denominator, scalar(0.161516), rtol=1e-6, atol=0.0)
+    plain = policy_loss(LOGP, MASK, ADV, aggregation="token-mean", opmd_tau=1.0)
+    assert_close(plain.numerator / plain.denominator, scalar(0.16), **TIGHT)
+    with pytest.raises(ValueError, match="opmd_tau must be >= 0"):
+        policy_loss(LOGP, MASK, ADV, opmd_tau=-1.0)
+
+
 # ----- policy loss: Critique-GRPO policy shaping --------------------------------------------------
 
 # π = [.5, .25, .1] (row 0, Â = 2) and [.9, .4] (row 1, Â = -1); f(π) = π/(π + .1):
@@ -383,3 +458,5 @@ def test_unknown_options_are_named():
         policy_loss(LOGP, MASK, ADV, aggregation="sum")
     with pytest.raises(ValueError, match="options: token, sequence"):
         policy_loss(LOGP, MASK, ADV, old_logprobs=LOGP, clip_low=0.2, ratio_level="turn")
+    with pytest.raises(ValueError, match="unknown kl_estimator 'k1'; options: k3, k2"):
+        policy_loss(LOGP, MASK, ADV, ref_logprobs=LOGP, kl_coef=0.1, kl_estimator="k1")

@@ -129,3 +129,58 @@ def test_critique_grpo_refinement_rows_get_policy_shaping(module):
     finally:
         module.hparams.shaping_gamma = None
     torch.testing.assert_close(got, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+
+
+class _TwoRankStrategy:
+    """Stands in for a 2-rank strategy: ``reduce(sum)`` adds the other rank's step counts."""
+
+    def __init__(self, other_rank: torch.Tensor) -> None:
+        self.other_rank = other_rank
+
+    def reduce(self, tensor, reduce_op):
+        assert reduce_op == "sum"
+        return tensor + self.other_rank
+
+
+class _TwoRankTrainer:
+    world_size = 2
+
+    def __init__(self, other_rank: torch.Tensor) -> None:
+        self.strategy = _TwoRankStrategy(other_rank)
+
+
+def test_step_denominators_are_summed_over_ranks(module):
+    """Each rank divides by (global count / world size): DDP then averages the ranks' gradients."""
+    # this rank: RL rows with a trainable token = 3 (the sft_retry row is not RL); SFT tokens = 2
+    # the other rank: 5 RL rows, 6 SFT tokens → global (8, 8) → per rank (8/2, 8/2) = (4, 4)
+    batch = [collate(samples())]
+    module._trainer = _TwoRankTrainer(torch.tensor([5.0, 6.0]))
+    try:
+        rl_denom, sft_denom = module._global_denominators(batch)
+    finally:
+        module._trainer = None
+    assert (rl_denom.item(), sft_denom.item()) == (4.0, 4.0)
+
+
+def test_reference_code_loss_settings_reach_the_loss():
+    """token-mean ÷ (1 + τ) and a k2 KL against a reference model, as the r3l_authors_code overlay sets them."""
+    torch.manual_seed(0)
+    authors = R3LModule(TINY_RANDOM, aggregation="token-mean", opmd_tau=1.0, kl_coef=0.001, kl_estimator="k2")
+    assert authors.reference is not None  # loaded because kl_coef > 0
+    with torch.no_grad():  # move the policy away from the reference: a non-zero KL
+        for p in authors.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = [s for s in samples() if not s.is_sft]
+    terms, k2, tokens = [], [], 0
+    for s in batch:
+        ids = torch.tensor([s.input_ids])
+        lp = torch.log_softmax(authors.policy(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])
+        ref = torch.log_softmax(authors.reference(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])
+        mask = torch.tensor(s.loss_mask[1:])
+        terms.append(-(s.advantage * lp.squeeze(1) * mask).sum())
+        k2.append((0.5 * (lp - ref).squeeze(1) ** 2 * mask).sum())
+        tokens += int(mask.sum())
+    # the reference code: masked_mean(-Â·log π)/(1 + τ) + kl_coef·masked_mean(½(log π − log π_ref)²)
+    expected = torch.stack(terms).sum() / tokens / 2 + 0.001 * torch.stack(k2).sum() / tokens
+    assert torch.stack(k2).sum() > 0
+    torch.testing.assert_close(step_loss(authors, [batch]), expected, rtol=1e-5, atol=1e-7)

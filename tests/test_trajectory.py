@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import PreTrainedTokenizerFast
 
-from r3l_lightning.trajectory import ChatTokenizer, Message, TemplateError, make_sample
+from r3l_lightning.trajectory import ChatTokenizer, Message, TemplateError, TrainingSample, make_sample
 
 # A Qwen2-style ChatML template (default system prompt when none is given), written for this test.
 QWEN_STYLE = (
@@ -116,6 +116,18 @@ def test_pivot_masks_turns_before_it(tiny_chat):
     assert all(v == 1 for v in sample.loss_mask[s1:e1])
     assert sample.num_trainable_tokens == e1 - s1
     assert sample.num_assistant_tokens == (e0 - s0) + (e1 - s1)
+
+
+def test_a_pivot_beyond_the_turns_or_a_short_mask_is_rejected(tiny_chat):
+    conv = tiny_chat.tokenize(_conversation(tiny_chat))  # two assistant turns
+    assert sum(make_sample(conv, 1.0, "distill", first_trainable_turn=2).loss_mask) == 0  # = K: nothing trainable
+    for pivot in (-1, 3):
+        with pytest.raises(ValueError, match=r"first_trainable_turn must be in \[0, 2\]"):
+            make_sample(conv, 1.0, "distill", first_trainable_turn=pivot)
+    with pytest.raises(ValueError, match="loss_mask has 1 entries for 3 tokens"):
+        TrainingSample([1, 2, 3], [1.0], 1.0, "base")  # would broadcast over the row when batched
+    with pytest.raises(ValueError, match="old_logprobs has 2 entries for 3 tokens"):
+        TrainingSample([1, 2, 3], [0.0, 1.0, 1.0], 1.0, "base", old_logprobs=[0.0, -1.0])
 
 
 def test_rollout_logprobs_are_aligned_with_their_tokens(tiny_chat):

@@ -8,6 +8,8 @@ from typing import Literal
 
 import torch
 
+from r3l_lightning.engines.constraints import Constraint
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -47,8 +49,16 @@ class RolloutEngine(ABC):
         self.eos_token_ids = list(eos_token_ids)
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """For every prompt (token ids), ``params.n`` completions."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, constraints: list[Constraint | None] | None = None
+    ) -> list[list[Completion]]:
+        """For every prompt (token ids), ``params.n`` completions.
+
+        ``constraints`` (one per prompt, ``None`` for an unconstrained prompt): decode that prompt's
+        completions under a JSON schema or a grammar (:class:`~r3l_lightning.engines.constraints.Constraint`),
+        so that the text matches it unless the token budget runs out first. Both built-in engines use
+        xgrammar for it.
+        """
 
     def sync_weights(self) -> None:
         """Make the engine sample from the policy's current weights (no-op when it IS the policy)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+from r3l_lightning.engines.constraints import CompiledConstraints, Constraint
 from r3l_lightning.lora import named_inference_weights
 from r3l_lightning.models import is_sharded
 
@@ -30,6 +31,7 @@ class HFEngine(RolloutEngine):
     def bind(self, policy, tokenizer, eos_token_ids) -> None:
         super().bind(policy, tokenizer, eos_token_ids)
         self._inference_copy = None
+        self._compiled: CompiledConstraints | None = None
 
     def sync_weights(self) -> None:
         """Refresh the unsharded inference copy of a sharded policy, one gathered tensor at a time
@@ -58,9 +60,23 @@ class HFEngine(RolloutEngine):
         return self.synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized()
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, constraints: list[Constraint | None] | None = None
+    ) -> list[list[Completion]]:
         if self.policy is None:
             raise RuntimeError("HFEngine.generate called before bind(policy, tokenizer, eos_token_ids)")
+        if constraints is not None:
+            if len(constraints) != len(prompts):
+                raise ValueError(f"constraints has {len(constraints)} entries for {len(prompts)} prompts")
+            constrained = [i for i, c in enumerate(constraints) if c is not None]
+            if not constrained:
+                constraints = None
+            elif len(constrained) < len(prompts):  # a grammar per row: generate the two kinds apart
+                free = [i for i, c in enumerate(constraints) if c is None]
+                results: dict[int, list[Completion]] = {}
+                for part, kinds in ((constrained, [constraints[i] for i in constrained]), (free, None)):
+                    results.update(zip(part, self.generate([prompts[i] for i in part], params, kinds)))
+                return [results[i] for i in range(len(prompts))]
         per_chunk = max(1, self.max_batch_size // params.n)
         results: list[list[Completion]] = []
         synced = self._synced()
@@ -75,14 +91,25 @@ class HFEngine(RolloutEngine):
             if not chunk:  # this rank is done; keep the others company with a dummy prompt
                 self._generate_chunk([prompts[0] if prompts else [self.eos_token_ids[0]]], params, synced)
                 continue
-            results += self._generate_chunk(chunk, params, synced)
+            kinds = None if constraints is None else constraints[c * per_chunk : (c + 1) * per_chunk]
+            results += self._generate_chunk(chunk, params, synced, kinds)
         return results
 
     def _device(self) -> torch.device:
         param = next(self.policy.parameters())
         return param.to_local().device if hasattr(param, "to_local") else param.device
 
-    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, synced: bool):
+    def _grammar_processors(self, constraints: list[Constraint] | None, rows_per_prompt: int) -> LogitsProcessorList | None:
+        if constraints is None:
+            return None
+        if self._compiled is None:
+            vocab = self._model().config.vocab_size
+            self._compiled = CompiledConstraints(self.tokenizer, vocab, self.eos_token_ids)
+        rows = [c for c in constraints for _ in range(rows_per_prompt)]  # generate's rows: prompt-major
+        return LogitsProcessorList([self._compiled.logits_processor(rows)])
+
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, synced: bool,
+                        constraints: list[Constraint] | None = None):
         device = self._device()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         width = max(len(p) for p in prompts)
@@ -110,7 +137,9 @@ class HFEngine(RolloutEngine):
         was_training = model.training
         model.eval()
         try:
-            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config, synced_gpus=synced)
+            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                                 synced_gpus=synced,
+                                 logits_processor=self._grammar_processors(constraints, 1 if greedy else params.n))
         finally:
             model.train(was_training)
         new_tokens = out.sequences[:, width:]

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.lora import adapter_state, has_lora, lora_rank, named_base_weights, named_inference_weights, save_adapter
 
 log = logging.getLogger(__name__)
@@ -226,16 +227,23 @@ class VLLMEngine(RolloutEngine):
         return "bfloat16" if self._on_gpu() or cpu_has_native_bf16() else "float32"
 
     def _model_dir(self) -> tuple[str, str]:
-        """(directory, load_format): the policy's checkpoint directory, or its config alone in a temp
-        dir with dummy weights (the first sync overwrites every weight anyway)."""
+        """(directory, load_format): the policy's checkpoint directory, or its config and tokenizer in a
+        temp dir with dummy weights (the first sync overwrites every weight anyway)."""
         for path in (getattr(self.policy, "name_or_path", None), getattr(self.policy.config, "_name_or_path", None)):
             if path and os.path.isfile(os.path.join(str(path), "config.json")):
                 return str(path), "auto"
-        self._tmp_dir = tempfile.mkdtemp(prefix="r3l_vllm_")
-        self.policy.config.save_pretrained(self._tmp_dir)
+        tmp = self._scratch_dir()
+        self.policy.config.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
         if getattr(self.policy, "generation_config", None) is not None:
-            self.policy.generation_config.save_pretrained(self._tmp_dir)
-        return self._tmp_dir, "dummy"
+            self.policy.generation_config.save_pretrained(tmp)
+        return tmp, "dummy"
+
+    def _scratch_dir(self) -> str:
+        """A temp dir for files vLLM must read (removed by :meth:`close`)."""
+        if self._tmp_dir is None:
+            self._tmp_dir = tempfile.mkdtemp(prefix="r3l_vllm_")
+        return self._tmp_dir
 
     def _engine(self):
         if self.llm is None:
@@ -247,11 +255,14 @@ class VLLMEngine(RolloutEngine):
             raise RuntimeError("VLLMEngine used before bind(policy, tokenizer, eos_token_ids)")
         vllm = _vllm()
         model_dir, load_format = self._model_dir()
+        if not os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
+            self.tokenizer.save_pretrained(self._scratch_dir())
         gpu = self._on_gpu()
         kwargs: dict[str, Any] = dict(
             model=model_dir,
+            tokenizer=model_dir if self._tmp_dir is None else self._tmp_dir,
             load_format=load_format,
-            skip_tokenizer_init=True,  # token ids in, token ids out
+            # token ids in, token ids out (detokenize=False); the tokenizer is loaded for structured outputs
             generation_config="vllm",  # our SamplingParams are explicit; ignore generation_config.json
             dtype=self._engine_dtype(),
             max_model_len=self.max_model_len,
@@ -436,7 +447,7 @@ class VLLMEngine(RolloutEngine):
             self.sync_weights()
 
     # ----- generation ------------------------------------------------------------------------------
-    def _sampling_params(self, params: SamplingParams, index: int):
+    def _sampling_params(self, params: SamplingParams, index: int, constraint: Constraint | None = None):
         vllm = _vllm()
         greedy = params.temperature <= 0
         return vllm.SamplingParams(
@@ -444,17 +455,31 @@ class VLLMEngine(RolloutEngine):
             temperature=0.0 if greedy else params.temperature,
             top_p=1.0 if greedy else params.top_p,
             max_tokens=params.max_new_tokens,
-            seed=None if params.seed is None else params.seed + index,
+            seed=None if params.seed is None or not self._per_request_seeds() else params.seed + index,
             logprobs=0,  # the sampled token's (processed) logprob
             stop_token_ids=list(self.eos_token_ids),
             ignore_eos=False,
             skip_special_tokens=False,
             detokenize=False,
+            structured_outputs=None if constraint is None else constraint.vllm_params(),
         )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def _per_request_seeds(self) -> bool:
+        """Per-request seeds on GPUs only. vLLM 0.32's CPU runner cannot roll back a request's seeded
+        generator when it discards a token sampled for a split (chunked) prefill ("CPU Generator does not
+        use offset"), which happens as soon as a batch's prompts exceed the scheduler's token budget; on
+        CPU the worker's default generator is seeded once per call instead (:meth:`generate`)."""
+        return self._on_gpu()
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, constraints: list[Constraint | None] | None = None
+    ) -> list[list[Completion]]:
+        """Completions for token-id prompts. A seeded call is reproducible: per-request seeds
+        (``seed + prompt index``) on GPUs, the worker's generator seeded with ``seed`` on CPUs."""
         if self.policy is None:
             raise RuntimeError("VLLMEngine.generate called before bind(policy, tokenizer, eos_token_ids)")
+        if constraints is not None and len(constraints) != len(prompts):
+            raise ValueError(f"constraints has {len(constraints)} entries for {len(prompts)} prompts")
         if not prompts:
             return []
         if self._asleep:
@@ -465,7 +490,9 @@ class VLLMEngine(RolloutEngine):
         except ImportError:  # older layouts: a plain dict is the same TypedDict
             TokensPrompt = dict  # noqa: N806
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        sampling = [self._sampling_params(params, i) for i in range(len(prompts))]
+        sampling = [self._sampling_params(params, i, c) for i, c in enumerate(constraints or [None] * len(prompts))]
+        if params.seed is not None and not self._per_request_seeds():
+            llm.collective_rpc("r3l_seed", args=(params.seed,))
         outputs = llm.generate(requests, sampling, use_tqdm=False, lora_request=self._lora_request)
         eos = set(self.eos_token_ids)
         greedy = params.temperature <= 0

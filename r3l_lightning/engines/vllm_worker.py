@@ -87,6 +87,10 @@ class WeightSyncExtension:
 
         return set_current_vllm_config(self.vllm_config)
 
+    def r3l_seed(self, seed: int) -> None:
+        """Seed the generator that samples every unseeded request (the CPU replacement for per-request seeds)."""
+        torch.manual_seed(seed)
+
     def r3l_begin_weight_update(self) -> None:
         initialize, _ = _reload_api()
         with self._r3l_config():

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from r3l_lightning.engines.constraints import Constraint
+
 
 @dataclass
 class Task:
@@ -66,10 +68,13 @@ class Environment(ABC):
 
     ``step_timeout_s``: a reset or step that takes longer ends its episode with reward 0 (counted);
     ``None`` waits forever (environments that enforce their own timeout, like ScienceWorld's).
+    ``max_reward``: the reward of a solved task (a reflection on a trajectory below it may not call it a
+    success; see :func:`~r3l_lightning.explore.reflection.report_schema`).
     """
 
     max_turns: int = 1
     step_timeout_s: float | None = None
+    max_reward: float = 1.0
 
     @abstractmethod
     def system_prompt(self) -> str:
@@ -78,6 +83,11 @@ class Environment(ABC):
     @abstractmethod
     def make_episode(self, task: Task) -> Episode:
         """A fresh episode for ``task`` (not yet reset)."""
+
+    def response_constraint(self, task: Task) -> Constraint | None:
+        """A grammar every response of an episode of ``task`` is decoded under, in training and evaluation
+        alike (``None``, the default: free text)."""
+        return None
 
 
 class TaskSource(ABC):

@@ -14,6 +14,9 @@ import re
 from collections import Counter
 from fractions import Fraction
 
+from typing import Literal
+
+from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.envs.answer_format import FORMAT_INSTRUCTIONS, AttemptEpisode
 from r3l_lightning.envs.base import Environment, Episode, Task, TaskSource
 
@@ -23,6 +26,16 @@ _SYMBOL_ALIASES = {"×": "*", "÷": "/", "−": "-", "\\times": "*", "\\cdot": "
 _TRAILING_RESULT = re.compile(r"=\s*-?\d+(\.\d+)?\s*$")
 MAX_EXPRESSION_CHARS = 200
 MAX_MAGNITUDE = 10**9
+
+# An answer tag around an arithmetic expression: integers of 1–3 digits, + - * / with one space on each
+# side, parentheses. It fixes the response's FORMAT only: which numbers, operators and brackets the
+# expression uses is still the model's choice, checked by the same rules as a free-text answer.
+ANSWER_GRAMMAR = r"""root ::= "<answer>" expr "</answer>"
+expr ::= term | term " " op " " expr
+term ::= num | "(" expr ")"
+op ::= "+" | "-" | "*" | "/"
+num ::= [1-9] [0-9]? [0-9]?
+"""
 
 
 class InvalidEquation(ValueError):
@@ -138,16 +151,48 @@ class CountdownEpisode(AttemptEpisode):
 
 
 class CountdownEnv(Environment):
-    """Countdown with up to ``max_attempts`` answers and correct / incorrect / invalid-format feedback."""
+    """Countdown with up to ``max_attempts`` answers and correct / incorrect / invalid-format feedback.
 
-    def __init__(self, max_attempts: int = 3, end_on_invalid_format: bool = True) -> None:
+    Args:
+        max_attempts: answers per episode; a wrong one is answered "incorrect, try again".
+        end_on_invalid_format: a response without an answer tag ends the episode (the spec's rule);
+            ``False``: it costs an attempt.
+        response_format: ``think`` — reasoning in ``<think>…</think>``, then ``<answer>…</answer>`` (the
+            paper's format); ``answer`` — only ``<answer>…</answer>``.
+        example: show one solved puzzle in the system prompt.
+        constrain_answer: decode every response under :data:`ANSWER_GRAMMAR` (``response_format: answer``
+            only), in training and evaluation alike. It removes format failures, not arithmetic ones.
+    """
+
+    def __init__(self, max_attempts: int = 3, end_on_invalid_format: bool = True,
+                 response_format: Literal["think", "answer"] = "think", example: bool = False,
+                 constrain_answer: bool = False) -> None:
+        if response_format not in ("think", "answer"):
+            raise ValueError(f"response_format must be 'think' or 'answer', got {response_format!r}")
+        if constrain_answer and response_format != "answer":
+            raise ValueError("constrain_answer needs response_format: answer (the grammar has no <think> part)")
         self.max_turns = max_attempts
         self.end_on_invalid_format = end_on_invalid_format
+        self.response_format = response_format
+        self.example = example
+        self.constrain_answer = constrain_answer
+        self._constraint = Constraint(grammar=ANSWER_GRAMMAR) if constrain_answer else None
 
     def system_prompt(self) -> str:
-        return ("You solve Countdown puzzles: combine the given numbers with + - * / and parentheses so the "
-                "equation equals the target, using every number exactly once. Put only the equation, like "
-                f"(3 + 5) * 2, in the answer. {FORMAT_INSTRUCTIONS}")
+        rules = ("You solve Countdown puzzles: combine the given numbers with + - * / and parentheses so the "
+                 "equation equals the target, using every number exactly once.")
+        if self.response_format == "think":
+            prompt = f"{rules} Put only the equation, like (3 + 5) * 2, in the answer. {FORMAT_INSTRUCTIONS}"
+        else:
+            prompt = f"{rules} Answer with the equation inside <answer> </answer>."
+        if self.example:
+            solved = "<think> 3 + 5 = 8 </think><answer>3 + 5</answer>" if self.response_format == "think" \
+                else "<answer>3 + 5</answer>"
+            prompt += f" Example: numbers [3, 5], target 8: {solved}"
+        return prompt
 
     def make_episode(self, task: Task) -> Episode:
         return CountdownEpisode(task, self.max_turns, self.end_on_invalid_format)
+
+    def response_constraint(self, task: Task) -> Constraint | None:
+        return self._constraint

@@ -1,10 +1,12 @@
 """Exploration: batched episodes, reflection, and one explorer per method (``group``, ``raft``, ``r3l``,
-``critique_grpo``). Every explorer is importable from here."""
+``reflect_grpo``, ``critique_grpo``). Every explorer is importable from here."""
 
 from r3l_lightning.explore.base import ExplorationResult, Explorer
 from r3l_lightning.explore.critique_grpo import CritiqueGRPOExplorer
 from r3l_lightning.explore.group import GroupExplorer
 from r3l_lightning.explore.r3l import R3LExplorer
 from r3l_lightning.explore.raft import RAFTExplorer
+from r3l_lightning.explore.reflect_grpo import ReflectGRPOExplorer
 
-__all__ = ["CritiqueGRPOExplorer", "ExplorationResult", "Explorer", "GroupExplorer", "R3LExplorer", "RAFTExplorer"]
+__all__ = ["CritiqueGRPOExplorer", "ExplorationResult", "Explorer", "GroupExplorer", "R3LExplorer", "RAFTExplorer",
+           "ReflectGRPOExplorer"]

@@ -16,11 +16,14 @@ from r3l_lightning.trajectory import TrainingSample
 
 @dataclass
 class ExplorationResult:
-    """What one exploration phase hands to the DataModule: RL groups, SFT samples and statistics."""
+    """What one exploration phase hands to the DataModule: RL groups, SFT samples and statistics, and
+    one rollout record per task for the rollout log (see :mod:`r3l_lightning.explore.records`; an
+    explorer that fills none just leaves the log empty)."""
 
     groups: list[list[TrainingSample]] = field(default_factory=list)
     sft: list[TrainingSample] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
 
 
 class Explorer(ABC):

@@ -23,7 +23,9 @@ class RolloutContext:
     env: Environment
     engine: RolloutEngine
     chat: ChatTokenizer
-    progress: Callable[[int], None] | None = None  # called with the number of finished generate calls
+    # called after every generate call with the number of sequences and the phase: "base", "reflection",
+    # "retry", "eval" (the ``token_key`` of :func:`run_episodes` without its ``tokens_`` prefix)
+    progress: Callable[[int, str], None] | None = None
 
 
 @dataclass
@@ -130,9 +132,13 @@ def run_episodes(
             stepping.append(state)
         if not stepping:
             continue
-        outputs = ctx.engine.generate(prompts, params)
+        constraints = [ctx.env.response_constraint(state.task) for state in stepping]
+        if any(c is not None for c in constraints):
+            outputs = ctx.engine.generate(prompts, params, constraints)
+        else:
+            outputs = ctx.engine.generate(prompts, params)
         if ctx.progress is not None:
-            ctx.progress(len(prompts))
+            ctx.progress(len(prompts), token_key.removeprefix("tokens_"))
         for state, (completion,) in zip(stepping, outputs):
             counters.add(token_key, len(completion.token_ids))
             if completion.finish_reason == "length":

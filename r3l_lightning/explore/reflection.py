@@ -1,4 +1,6 @@
-"""Reflection: the prompt the policy diagnoses its own trajectory with, its JSON parser, and the guidance."""
+"""Reflection: the messages the policy diagnoses its own trajectory with, the JSON schema its report is
+decoded under, the report's parser, and the guidance a retry receives (the prompt texts live in
+:mod:`r3l_lightning.prompts`)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from r3l_lightning.prompts import GUIDANCE_TEMPLATE, REFLECTION_REQUEST, REFLECTION_SYSTEM_PROMPT, fill
 from r3l_lightning.trajectory import Message, Trajectory
 
 Outcome = Literal["success", "success_but_inefficient", "failure"]
@@ -18,19 +21,48 @@ FIELDS: tuple[str, ...] = (
     "retry_from_step",
 )
 
-REFLECTION_SYSTEM_PROMPT = """You review an agent's attempt at a task and diagnose it.
-Answer with ONE JSON object and nothing else, with exactly these fields:
-{
-  "trajectory_summary": "the strategy used, the outcome, and how well it was executed",
-  "root_cause_analysis": "a chain of 'why?' down to the root cause of the problems (null only if flawless)",
-  "trajectory_outcome": "success" | "success_but_inefficient" | "failure",
-  "improvement_suggestion": "a general, self-contained principle that avoids the root cause (null iff success)",
-  "retry_from_step": the earliest step number where the root cause shows, 0 if the initial strategy was wrong (null iff success)
-}"""
 
-GUIDANCE_TEMPLATE = """Your previous attempt at this task had issues. A review of it found:
-{report}
-Apply these lessons in your next responses. Do not mention this guidance or the previous attempt."""
+def report_schema(num_turns: int, reward: float, max_reward: float = 1.0, max_chars: int = 200) -> dict:
+    """JSON schema of a report that :func:`parse_reflection` accepts for this trajectory.
+
+    It encodes the report's rules so that a constrained decoder can only write a valid report:
+
+    - every field present, in the spec's order, and no other field;
+    - ``retry_from_step`` is one of 0 … K−1 (K = ``num_turns``), null iff the outcome is ``success``;
+    - ``improvement_suggestion`` is a non-empty string, null iff the outcome is ``success``;
+    - the outcome is limited by the reward: below ``max_reward`` it is ``failure`` (a trajectory that did not
+      reach the task's maximum reward cannot be called a success, efficient or not); at ``max_reward`` it is
+      ``success`` or ``success_but_inefficient`` (the latter asks for a retry, like a failure);
+    - free-text fields hold 1 to ``max_chars`` characters, so that the report fits the token budget.
+    """
+    if num_turns < 1:
+        raise ValueError(f"a report needs a trajectory with at least one step, got num_turns={num_turns}")
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    text = {"type": "string", "minLength": 1, "maxLength": max_chars}
+    steps = {"type": "integer", "enum": list(range(num_turns))}
+
+    def report(outcome: str, root_cause: dict, suggestion: dict, step: dict) -> dict:
+        return {
+            "type": "object",
+            "properties": {
+                "trajectory_summary": text,
+                "root_cause_analysis": root_cause,
+                "trajectory_outcome": {"type": "string", "enum": [outcome]},
+                "improvement_suggestion": suggestion,
+                "retry_from_step": step,
+            },
+            "required": list(FIELDS),
+            "additionalProperties": False,
+        }
+
+    if reward < max_reward:
+        return report("failure", text, text, steps)
+    null = {"type": "null"}
+    return {"anyOf": [
+        report("success", {"anyOf": [text, null]}, null, null),
+        report("success_but_inefficient", text, text, steps),
+    ]}
 
 
 @dataclass
@@ -56,8 +88,10 @@ def render_trajectory(trajectory: Trajectory) -> str:
     return "\n\n".join(lines)
 
 
-def reflection_messages(trajectory: Trajectory, task_instructions: str) -> list[Message]:
-    """Chat messages that ask the policy to reflect on ``trajectory``."""
+def reflection_messages(
+    trajectory: Trajectory, task_instructions: str, system_prompt: str = REFLECTION_SYSTEM_PROMPT
+) -> list[Message]:
+    """Chat messages that ask the policy to reflect on ``trajectory`` (``system_prompt``: see ``prompts``)."""
     hint = trajectory.info.get("reflection_hint") or ""
     parts = [
         f"# Task instructions given to the agent\n{task_instructions}",
@@ -66,8 +100,8 @@ def reflection_messages(trajectory: Trajectory, task_instructions: str) -> list[
     ]
     if hint:
         parts.append(f"# Additional information\n{hint}")
-    parts.append("Write the JSON diagnosis now.")
-    return [Message("system", REFLECTION_SYSTEM_PROMPT), Message("user", "\n\n".join(parts))]
+    parts.append(REFLECTION_REQUEST)
+    return [Message("system", system_prompt), Message("user", "\n\n".join(parts))]
 
 
 def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]:
@@ -75,8 +109,8 @@ def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end <= start:
         return None, "no_json"
-    try:
-        report = json.loads(text[start : end + 1])
+    try:  # strict=False: a raw control character inside a string (constrained decoders allow it) is kept
+        report = json.loads(text[start : end + 1], strict=False)
     except json.JSONDecodeError:
         return None, "invalid_json"
     if not isinstance(report, dict):
@@ -102,6 +136,6 @@ def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]
     return Reflection(report, outcome, step), ""
 
 
-def guidance_text(reflection: Reflection) -> str:
-    """The guidance inserted into a retry: the JSON report in the guidance template."""
-    return GUIDANCE_TEMPLATE.format(report=json.dumps(reflection.report, indent=2, ensure_ascii=False))
+def guidance_text(reflection: Reflection, template: str = GUIDANCE_TEMPLATE) -> str:
+    """The guidance inserted into a retry: the JSON report in ``template`` (its ``{report}`` field)."""
+    return fill(template, report=json.dumps(reflection.report, indent=2, ensure_ascii=False))

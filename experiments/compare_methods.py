@@ -1,0 +1,185 @@
+"""The paper's method comparison at our scale, in one command: R³L, GRPO and R³L's three ablations (optionally
+RAFT and OPMD) on the same task, model, seeds and rollout-token budget.
+
+    python experiments/compare_methods.py            # 3 seeds
+    python experiments/compare_methods.py --quick    # 1 seed, a smaller budget
+
+Every run is ``r3l fit --config configs/countdown/r3l.yaml [--config configs/methods/<method>.yaml]`` with a
+``RolloutTokenBudget`` (generated tokens of base samples, reflections and retries: R³L pays for its
+reflections out of the same budget) and an evaluation every ``--eval_every`` epochs. The initial policy is
+evaluated once per seed, not once per method. Writes ``<out>/results.md`` (final eval success and reward,
+mean ± standard error over seeds; trained tokens; wall time), ``<out>/results.csv`` (every evaluation of
+every run) and ``<out>/eval_success.png`` (eval success against rollout tokens, one line per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {  # name -> overlay (None: the task config's R³L)
+    "R3L": None,
+    "GRPO": "grpo",
+    "R3L w/o pivotal credit": "r3l_no_pivot",
+    "R3L w/o amplification": "r3l_no_amplification",
+    "R3L w/o reflect-retry": "r3l_no_reflect_retry",
+}
+OPTIONAL = {"RAFT": "raft", "OPMD": "opmd"}
+
+
+def run_command(args, overlay: str | None, seed: int, out: Path, before_training: bool) -> list[str]:
+    """The ``r3l fit`` command line of one (method, seed) run."""
+    cmd = [sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(args.config)]
+    if overlay is not None:
+        cmd += ["--config", str(ROOT / "configs" / "methods" / f"{overlay}.yaml")]
+    cmd += [
+        "--seed_everything", str(seed), "--data.seed", str(seed), "--data.explorer.init_args.seed", str(seed),
+        "--trainer.max_epochs", "1000", "--trainer.default_root_dir", str(out),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out),
+        "--trainer.logger.name", "csv", "--trainer.enable_checkpointing", "false",
+        "--trainer.callbacks", "r3l_lightning.callbacks.ExplorationCallback",
+        "--trainer.callbacks.show_progress", "false",
+        "--trainer.callbacks+", "r3l_lightning.callbacks.RolloutTokenBudget",
+        "--trainer.callbacks.max_tokens", str(args.budget),
+        "--trainer.callbacks+", "r3l_lightning.callbacks.EvalCallback",
+        "--trainer.callbacks.every_n_epochs", str(args.eval_every),
+        "--trainer.callbacks.max_new_tokens", str(args.eval_max_new_tokens),
+        "--trainer.callbacks.max_tasks", str(args.eval_tasks),
+        "--trainer.callbacks.before_training", str(before_training).lower(),
+    ]
+    return cmd + args.extra
+
+
+def read_run(out: Path) -> dict:
+    """Evaluations (rollout tokens, success, reward) and totals of one run from its metrics.csv."""
+    (metrics,) = out.glob("csv/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    spent = 0.0
+    evals = []
+    trained = 0.0
+    for row in rows:  # rows are in logging order: a budget row ends each epoch, evaluations follow it
+        if row.get("budget/rollout_tokens"):
+            spent = float(row["budget/rollout_tokens"])
+        if row.get("train/tokens"):
+            trained += float(row["train/tokens"])
+        if row.get("eval/success_rate"):
+            evals.append((spent, float(row["eval/success_rate"]), float(row["eval/reward"])))
+    return {"evals": evals, "trained_tokens": trained}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def plot(results: dict, initial: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, runs in results.items():
+        # mean over seeds of the i-th evaluation (seeds evaluate at the same epochs, tokens differ slightly)
+        n_points = min(len(r["evals"]) for r in runs)
+        xs = [0.0] + [sum(r["evals"][i][0] for r in runs) / len(runs) for i in range(n_points)]
+        ys = [sum(initial[s] for s in initial) / len(initial)]
+        ys += [sum(r["evals"][i][1] for r in runs) / len(runs) for i in range(n_points)]
+        ax.plot(xs, ys, marker="o", label=method)
+    ax.set_xlabel("generated rollout tokens (base + reflection + retry)")
+    ax.set_ylabel("eval success rate")
+    ax.set_title("Countdown, SmolLM2-135M-Instruct: eval success vs rollout tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "countdown" / "r3l.yaml")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", type=int, default=60000, help="generated rollout tokens per run")
+    parser.add_argument("--eval_every", type=int, default=3, help="epochs between evaluations")
+    parser.add_argument("--eval_tasks", type=int, default=64)
+    parser.add_argument("--eval_max_new_tokens", type=int, default=24)
+    parser.add_argument("--optional", action="store_true", help="also run RAFT and OPMD")
+    parser.add_argument("--methods", nargs="+", help="a subset of the method names")
+    parser.add_argument("--quick", action="store_true", help="one seed and a third of the budget")
+    parser.add_argument("extra", nargs="*", help="more r3l fit arguments for every run (after --)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.budget = args.seeds[:1], args.budget // 3
+    methods = dict(METHODS, **(OPTIONAL if args.optional else {}))
+    if args.methods:
+        methods = {m: methods[m] for m in args.methods}
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    initial: dict[int, float] = {}
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    for seed in args.seeds:
+        for i, (method, overlay) in enumerate(methods.items()):
+            out = args.out / method.replace(" ", "_").replace("/", "") / f"seed{seed}"
+            start = time.perf_counter()
+            log = (args.out / f"{out.parent.name}-seed{seed}.log").open("w")
+            cmd = run_command(args, overlay, seed, out, before_training=(i == 0))
+            subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            run = read_run(out)
+            run["wall_s"] = time.perf_counter() - start
+            if i == 0:  # the first method's run evaluated the initial policy of this seed
+                initial[seed] = run["evals"].pop(0)[1]
+            results[method].append(run)
+            final = run["evals"][-1]
+            print(f"{method:28s} seed {seed}: eval success {final[1]:.3f} reward {final[2]:.3f} after "
+                  f"{final[0]:.0f} rollout tokens ({run['wall_s']:.0f} s)", flush=True)
+    write_results(args, results, initial)
+
+
+def write_results(args, results: dict, initial: dict) -> None:
+    with (args.out / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "seed", "rollout_tokens", "eval_success", "eval_reward"])
+        for seed, success in initial.items():
+            writer.writerow(["initial policy", seed, 0, success, ""])
+        for method, runs in results.items():
+            for seed, run in zip(args.seeds, runs):
+                for tokens, success, reward in run["evals"]:
+                    writer.writerow([method, seed, tokens, success, reward])
+    init_mean, init_se = mean_se(list(initial.values()))
+    lines = [
+        f"Countdown ({args.config.name}), SmolLM2-135M-Instruct, {len(args.seeds)} seed(s), "
+        f"budget {args.budget:,} generated rollout tokens per run, eval on {args.eval_tasks} held-out tasks.",
+        "",
+        "| method | eval success | eval reward | rollout tokens | trained tokens | wall time |",
+        "|---|---|---|---|---|---|",
+        f"| initial policy | {init_mean:.3f} ± {init_se:.3f} | | 0 | 0 | |",
+    ]
+    for method, runs in results.items():
+        success = mean_se([r["evals"][-1][1] for r in runs])
+        reward = mean_se([r["evals"][-1][2] for r in runs])
+        tokens = sum(r["evals"][-1][0] for r in runs) / len(runs)
+        trained = sum(r["trained_tokens"] for r in runs) / len(runs)
+        wall = sum(r["wall_s"] for r in runs) / len(runs)
+        lines.append(f"| {method} | {success[0]:.3f} ± {success[1]:.3f} | {reward[0]:.3f} ± {reward[1]:.3f} | "
+                     f"{tokens:,.0f} | {trained:,.0f} | {wall / 60:.1f} min |")
+    lines += ["", "Mean ± standard error over seeds (final evaluation of each run)."]
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(results, initial, args.out / "eval_success.png")
+    print("\n".join(lines))
+    print(f"wrote {args.out / 'results.md'}, {args.out / 'results.csv'}, {args.out / 'eval_success.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The ``r3l`` command: ``fit`` and ``evaluate`` (LightningCLI, :mod:`r3l_lightning.cli`), and two tools
+for a finished or running run that load neither torch nor Lightning:
+
+    r3l view runs/countdown-r3l      # the rollout viewer: one self-contained HTML file
+    r3l report runs/countdown-r3l    # key figures, and curves.png next to the CSV metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+TOOLS = ("view", "report")
+
+
+def run_tool(args: list[str]) -> None:
+    """``r3l view RUN_DIR [-o FILE]`` and ``r3l report RUN_DIR [-o FILE]``."""
+    parser = argparse.ArgumentParser(prog="r3l", description="Tools for a finished or running r3l run "
+                                     "(training: r3l fit / r3l evaluate).")
+    tools = parser.add_subparsers(dest="tool", required=True)
+    view = tools.add_parser("view", help="write the rollout viewer: one self-contained HTML file")
+    view.add_argument("run_dir", help="a run directory (runs/<job>) or a log directory holding rollouts/")
+    view.add_argument("-o", "--out", help="output file (default <log_dir>/rollouts.html)")
+    rep = tools.add_parser("report", help="print the key figures and write curves.png from the CSV metrics")
+    rep.add_argument("run_dir", help="a run directory (runs/<job>), a log directory or a metrics.csv")
+    rep.add_argument("-o", "--out", help="output PNG (default curves.png next to metrics.csv)")
+    options = parser.parse_args(args)
+    try:
+        if options.tool == "view":
+            from r3l_lightning.viewer import write_viewer
+
+            path, groups = write_viewer(options.run_dir, options.out)
+            print(f"wrote {path} ({groups} groups, {path.stat().st_size / 2**20:.2f} MiB): open it in a browser")
+        else:
+            from r3l_lightning.report import report
+
+            text, png = report(options.run_dir, options.out)
+            print(f"{text}\ncurves: {png}")
+    except FileNotFoundError as err:
+        parser.exit(2, f"r3l {options.tool}: {err}\n")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        run_tool(sys.argv[1:])
+    else:
+        from r3l_lightning.cli import main as lightning_main
+
+        lightning_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Each method overlay resolves to the settings the README's "Method fidelity" tables give it (paper or
+reference code), on top of the main task config. The behaviour behind each setting is tested elsewhere
+(test_advantages, test_losses, test_r3l_rules, test_reflect_grpo, test_critique_grpo, test_explorer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r3l_lightning.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = ROOT / "configs" / "countdown" / "r3l.yaml"
+
+R3L = "r3l_lightning.explore.r3l.R3LExplorer"
+GROUP = "r3l_lightning.explore.group.GroupExplorer"
+
+EXPECTED = {
+    "r3l_paper": {
+        "explorer": (R3L, {"advantage": "r3l", "alpha": 3.0, "reflection_temperature": 0.7, "retries_per_base": 1,
+                           "retry_selection": "all", "pivotal_credit": True, "sft_rule": "paper",
+                           "correction_loss": "sft", "keep_success_reflections": False}),
+        "model": {"aggregation": "seq-mean-token-mean", "sft_coef": 1.0, "kl_coef": 0.0, "opmd_tau": 0.0,
+                  "weight_decay": 0.01, "clip_low": None, "clip_high": None, "lr": 1e-6, "max_grad_norm": 1.0},
+    },
+    "r3l_authors_code": {
+        "explorer": (R3L, {"advantage": "r3l_reference", "alpha": 3.0, "reflection_temperature": 1.0,
+                           "retries_per_base": 1, "pivotal_credit": True, "sft_rule": "reference",
+                           "correction_loss": "reinforce", "keep_success_reflections": True}),
+        "model": {"aggregation": "token-mean", "opmd_tau": 1.0, "kl_coef": 0.001, "kl_estimator": "k2",
+                  "weight_decay": 0.01, "clip_low": None, "clip_high": None, "lr": 1e-6, "max_grad_norm": 1.0},
+    },
+    "grpo": {
+        "explorer": (GROUP, {"advantage": "grpo", "singleton": "no_signal"}),
+        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.01,
+                  "kl_estimator": "k3"},
+    },
+    "dapo": {
+        "explorer": (GROUP, {"advantage": "grpo", "drop_uniform_groups": True, "overlong_penalty": 1.0,
+                             "overlong_max_tokens": 512, "overlong_buffer_tokens": 400,
+                             "overlong_length": "longest_response"}),
+        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0, "warmup_steps": 20},
+    },
+    "gspo": {
+        "explorer": (GROUP, {"advantage": "grpo"}),
+        "model": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "kl_coef": 0.01,
+                  "kl_estimator": "k3", "aggregation": "seq-mean-token-mean"},
+    },
+    "opmd": {
+        "explorer": (GROUP, {"advantage": "mean_baseline"}),
+        "model": {"aggregation": "token-mean", "opmd_tau": 1.0, "kl_coef": 0.0, "clip_low": None},
+    },
+    "raft": {"explorer": ("r3l_lightning.explore.raft.RAFTExplorer", {"group_size": 1}), "model": {}},
+    "reflect_grpo": {
+        "explorer": ("r3l_lightning.explore.reflect_grpo.ReflectGRPOExplorer",
+                     {"advantage": "grpo", "reflection_temperature": 0.7}),
+        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.01, "kl_estimator": "k3"},
+    },
+    "critique_grpo": {
+        "explorer": ("r3l_lightning.explore.critique_grpo.CritiqueGRPOExplorer",
+                     {"advantage": "grpo", "variant": "paper", "reflection_temperature": 0.7}),
+        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
+                  "shaping_gamma": 0.1},
+    },
+    "r3l_no_pivot": {"explorer": (R3L, {"pivotal_credit": False, "advantage": "r3l"}), "model": {}},
+    "r3l_no_amplification": {"explorer": (R3L, {"advantage": "grpo", "pivotal_credit": True}), "model": {}},
+    "r3l_no_reflect_retry": {"explorer": (GROUP, {"advantage": "r3l"}), "model": {}},
+}
+
+
+def resolved(overlay: str, capsys) -> dict:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(TASK), "--config", str(ROOT / "configs" / "methods" / f"{overlay}.yaml"),
+                  "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_every_method_overlay_is_in_the_table():
+    assert {p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("overlay", sorted(EXPECTED))
+def test_overlay_resolves_to_its_table_settings(overlay, capsys):
+    config = resolved(overlay, capsys)
+    class_path, init_args = EXPECTED[overlay]["explorer"]
+    explorer = config["data"]["explorer"]
+    assert explorer["class_path"] == class_path
+    assert {k: explorer["init_args"][k] for k in init_args} == init_args
+    assert {k: config["model"][k] for k in EXPECTED[overlay]["model"]} == EXPECTED[overlay]["model"]
+
+
+def test_the_authors_code_overlay_after_the_paper_one_and_back(capsys):
+    # the two R³L overlays set the same keys: whichever comes last decides every one of them
+    paper, authors = EXPECTED["r3l_paper"], EXPECTED["r3l_authors_code"]
+    for order, expected in ((["r3l_paper", "r3l_authors_code"], authors), (["r3l_authors_code", "r3l_paper"], paper)):
+        args = ["fit", "--config", str(TASK)]
+        for overlay in order:
+            args += ["--config", str(ROOT / "configs" / "methods" / f"{overlay}.yaml")]
+        with pytest.raises(SystemExit):
+            cli_main(args + ["--print_config"])
+        config = yaml.safe_load(capsys.readouterr().out)
+        init_args = expected["explorer"][1]
+        assert {k: config["data"]["explorer"]["init_args"][k] for k in init_args} == init_args
+        assert {k: config["model"][k] for k in ("aggregation", "opmd_tau", "kl_coef")} == {
+            k: expected["model"][k] for k in ("aggregation", "opmd_tau", "kl_coef")}

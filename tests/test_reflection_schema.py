@@ -1,0 +1,116 @@
+"""Schema-constrained reflections: the report schema accepts exactly the reports the parser accepts for a
+trajectory, and constrained decoding makes even a random model write valid reports (HF engine; the vLLM
+engine is checked in tests/vllm_engine_checks.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import xgrammar as xgr
+from xgrammar.testing import _is_grammar_accept_string
+
+from r3l_lightning.engines.base import SamplingParams
+from r3l_lightning.engines.constraints import Constraint
+from r3l_lightning.engines.hf import HFEngine
+from r3l_lightning.explore import R3LExplorer
+from r3l_lightning.explore.episodes import RolloutContext
+from r3l_lightning.explore.reflection import parse_reflection, report_schema
+from scripted import GuessEnv, GuessTasks, ScriptedEngine
+
+
+def report(outcome="failure", step=1, suggestion="change the guess", root="kept guessing pear", summary="guessed pear"):
+    return json.dumps({"trajectory_summary": summary, "root_cause_analysis": root, "trajectory_outcome": outcome,
+                       "improvement_suggestion": suggestion, "retry_from_step": step})
+
+
+def accepts(schema: dict, text: str) -> bool:
+    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    return _is_grammar_accept_string(grammar, text)
+
+
+# (num_turns, reward, report text) -> accepted; each row is also checked against the parser below
+CASES = [
+    (3, 0.0, report(step=0), True),
+    (3, 0.0, report(step=2), True),
+    (3, 0.0, report(step=3), False),  # pivot K is out of [0, K-1]
+    (3, 0.0, report(step=-1), False),
+    (3, 0.0, report(outcome="success", step=None, suggestion=None), False),  # reward 0 < 1: not a success
+    (3, 0.0, report(outcome="success_but_inefficient"), False),  # nor an inefficient success
+    (3, 0.0, report(suggestion=None), False),  # a failure needs a suggestion
+    (3, 0.0, report(suggestion=""), False),  # ... that is not empty
+    (3, 0.0, report(step=None), False),  # ... and a pivot
+    (2, 1.0, report(outcome="success", step=None, suggestion=None, root=None), True),
+    (2, 1.0, report(outcome="success", step=None, suggestion=None), True),  # root cause may be text
+    (2, 1.0, report(outcome="success", step=1, suggestion=None), False),  # success carries no pivot
+    (2, 1.0, report(outcome="success_but_inefficient", step=1), True),
+    (2, 1.0, report(outcome="failure"), False),  # the trajectory solved the task
+    (2, 0.5, report(step=1), True),  # a partial reward below the maximum is a failure
+]
+
+
+@pytest.mark.parametrize("turns, reward, text, valid", CASES)
+def test_schema_accepts_exactly_what_the_parser_accepts(turns, reward, text, valid):
+    assert accepts(report_schema(turns, reward), text) == valid
+    parsed, _ = parse_reflection(text, turns)
+    if valid:  # every report the schema lets through parses as a valid reflection
+        assert parsed is not None
+
+
+def test_schema_field_order_extra_fields_and_length_cap():
+    schema = report_schema(3, 0.0, max_chars=10)
+    short = {"root": "why? x", "suggestion": "try y"}
+    assert accepts(schema, report(summary="x" * 10, **short))
+    assert not accepts(schema, report(summary="x" * 11, **short))  # maxLength
+    reordered = json.dumps({"trajectory_outcome": "failure", "trajectory_summary": "a", "root_cause_analysis": "b",
+                            "improvement_suggestion": "c", "retry_from_step": 1})
+    assert not accepts(schema, reordered)  # the spec's field order: reasoning before the verdict
+    extra = report()[:-1] + ', "confidence": 1}'
+    assert not accepts(schema, extra)
+    assert schema == report_schema(3, 0.2, max_chars=10)  # every reward below the maximum gets the failure schema
+    assert report_schema(3, 0.9, max_reward=0.9)["anyOf"]  # an environment whose maximum is 0.9
+
+
+def test_schema_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_turns"):
+        report_schema(0, 0.0)
+    with pytest.raises(ValueError, match="max_chars"):
+        report_schema(2, 0.0, max_chars=0)
+
+
+def test_hf_engine_makes_a_random_model_write_valid_reports(tiny_policy, tiny_tokenizer, tiny_eos):
+    """The random tiny model never writes JSON on its own; under the schema every report parses."""
+    engine = HFEngine()
+    engine.bind(tiny_policy, tiny_tokenizer, tiny_eos)
+    prompts = [tiny_tokenizer("Write the JSON diagnosis now.")["input_ids"]] * 2
+    constraints = [Constraint(json_schema=report_schema(3, 0.0, max_chars=4)), None]  # ~45 tokens of JSON + 3 short strings
+    out = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=96, n=2, seed=0), constraints)
+    assert [len(c) for c in out] == [2, 2]
+    for c in out[0]:
+        text = tiny_tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        reflection, reason = parse_reflection(text, 3)
+        assert reflection is not None, (reason, text)
+        assert c.finish_reason == "stop" and reflection.outcome == "failure"
+        assert all(lp <= 0.0 for lp in c.logprobs)
+    free = [tiny_tokenizer.decode(c.token_ids) for c in out[1]]
+    assert not any(parse_reflection(t, 3)[0] for t in free)  # the unconstrained prompt stays free
+
+
+def test_explorer_asks_the_engine_for_one_schema_per_reflection(tiny_chat):
+    reflection = report(step=1)
+    engine = ScriptedEngine(lambda p: reflection if "Write the JSON diagnosis" in p else "pear",
+                            tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    tasks = GuessTasks(2)
+    R3LExplorer(group_size=4, reflection_max_new_tokens=300).explore(
+        [tasks[0], tasks[1]], RolloutContext(GuessEnv(max_turns=3), engine, tiny_chat))
+    reflect_call = next(c for c in engine.constraints if c is not None)
+    # 2 tasks x 2 base trajectories of 3 failed turns: the failure schema with pivots 0..2, 300 - 64 chars
+    assert reflect_call == [Constraint(json_schema=report_schema(3, 0.0, 1.0, 236))] * 4
+    assert sum(c is not None for c in engine.constraints) == 1  # rollouts and retries are not constrained here
+
+    free = ScriptedEngine(lambda p: reflection if "Write the JSON diagnosis" in p else "pear",
+                          tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    R3LExplorer(group_size=4, reflection_decoding="free").explore([tasks[0]], RolloutContext(GuessEnv(), free, tiny_chat))
+    assert all(c is None for c in free.constraints)
+    with pytest.raises(ValueError, match="reflection_decoding"):
+        R3LExplorer(reflection_decoding="grammar")
