@@ -37,7 +37,7 @@ class R3LTrainer(L.Trainer):
             if not path.is_file():
                 raise FileNotFoundError(f"--ckpt_path {path} does not exist")
             state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-            model.load_state_dict(state)
+            model.load_state_dict(state, strict=model.strict_loading)  # a LoRA checkpoint holds the adapters only
         model.to(self.strategy.root_device)
         callback = next((c for c in self.callbacks if isinstance(c, EvalCallback)), None) or EvalCallback()
         result = callback.run(datamodule, model)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from r3l_lightning.envs.base import Environment, Task, TaskSource
 from r3l_lightning.explore.base import Explorer
 from r3l_lightning.explore.r3l import R3LExplorer
+from r3l_lightning.mismatch import kind_indices
 from r3l_lightning.rollout_log import DEFAULT_ROLLOUT_LOG, RolloutLog
 from r3l_lightning.trajectory import TrainingSample
 
@@ -56,7 +57,8 @@ class ExperienceBuffer:
 
 def collate(samples: list[TrainingSample]) -> MicroBatch:
     """Right-padded (id 0, attention 0) tensors: input_ids, attention_mask, loss_mask, advantages, is_sft,
-    shaped (refinement rows, see ``TrainingSample.is_refinement``), old_logprobs."""
+    shaped (refinement rows, see ``TrainingSample.is_refinement``), old_logprobs, kind (index into
+    :data:`~r3l_lightning.mismatch.SAMPLE_KINDS`)."""
     width = max(len(s.input_ids) for s in samples)
     n = len(samples)
     batch = {
@@ -69,6 +71,7 @@ def collate(samples: list[TrainingSample]) -> MicroBatch:
         "is_sft": torch.tensor([s.is_sft for s in samples], dtype=torch.bool),
         "shaped": torch.tensor([s.is_refinement for s in samples], dtype=torch.bool),
         "assistant_tokens": torch.tensor([s.num_assistant_tokens for s in samples], dtype=torch.float32),
+        "kind": kind_indices([s.kind for s in samples]),
     }
     for i, s in enumerate(samples):
         length = len(s.input_ids)

@@ -183,6 +183,7 @@ def policy_loss(
     kl_estimator: KLEstimator = "k3",
     shaped: torch.Tensor | None = None,
     shaping_gamma: float | None = None,
+    token_weights: torch.Tensor | None = None,
     opmd_tau: float = 0.0,
 ) -> LossTerms:
     """Masked policy-gradient loss of a [B, L] batch.
@@ -201,6 +202,9 @@ def policy_loss(
       (γ > 0) is set: ℓ_t = −Â·f(π_t), f(π) = π/(π + γ), π_t = exp(log π_t), in place of the rows'
       ratio/REINFORCE term (no ratio, no clip: their rollout logprobs came from another context);
       gradient −Â·γ·π/(π + γ)² per log π_t. ``shaping_gamma=None`` (default): those rows train as any other;
+    - with ``token_weights`` ([B, L], no gradient; the rollout correction of
+      :func:`~r3l_lightning.mismatch.correction_weights`): the policy-gradient term above becomes w_t·ℓ_t
+      (the KL term is not weighted; |τ| and the denominator stay unweighted);
     - OPMD's ``opmd_tau`` τ: the policy term above is divided by (1 + τ) (the reference code's
       ``opmd_policy_loss.py`` divides its token-mean loss by 1 + τ; the KL term is not divided);
     - with ``ref_logprobs`` and ``kl_coef > 0``: + kl_coef·kl_t, kl_t = :func:`kl_estimate` with
@@ -213,7 +217,9 @@ def policy_loss(
     whenever ``ref_logprobs`` is given.
     """
     _check(aggregation)
-    _check_batch(loss_mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+    _check_batch(
+        loss_mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, token_weights=token_weights
+    )
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"unknown ratio_level {ratio_level!r}; options: token, sequence")
     if shaping_gamma is not None and not shaping_gamma > 0:
@@ -247,6 +253,8 @@ def policy_loss(
         rows = shaped_rows & trainable
         prob = torch.exp(torch.where(rows, logprobs, 0.0))
         per_token = torch.where(rows, -adv * prob / (prob + shaping_gamma), per_token)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
     if opmd_tau:
         per_token = per_token / (1.0 + opmd_tau)
     if ref_logprobs is not None:

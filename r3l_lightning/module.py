@@ -11,7 +11,9 @@ import torch
 
 from r3l_lightning.engines.base import RolloutEngine
 from r3l_lightning.engines import default_engine
+from r3l_lightning.lora import LoRAConfig, adapters_disabled, add_lora, is_adapter_name
 from r3l_lightning.losses import loss_denominator, policy_loss, sft_loss, token_logprobs
+from r3l_lightning.mismatch import SAMPLE_KINDS, MismatchTotals, RolloutCorrection, correction_weights
 from r3l_lightning.models import decoder_layers, eos_token_ids, is_sharded, load_policy, load_tokenizer
 from r3l_lightning.trajectory import ChatTokenizer
 
@@ -50,6 +52,13 @@ class R3LModule(L.LightningModule):
             the Trainer's ``precision: bf16-mixed``).
         gradient_checkpointing: trade compute for activation memory.
         logprob_chunk_size: rows per chunk when computing token logprobs from logits.
+        rollout_correction: ``{mode: none | tis | mis, cap}``: truncated (tis) or masked (mis)
+            importance weights π_train/π_rollout on the base samples' tokens (``none``: the paper, no
+            correction); see :mod:`r3l_lightning.mismatch`. The rollout-vs-trainer mismatch itself is
+            logged every step under ``mismatch/<kind>/`` whatever the mode.
+        lora: ``{r, alpha, dropout, target_modules}``: train LoRA adapters only (PEFT; see
+            :mod:`r3l_lightning.lora`); the checkpoint then holds the adapters, and the KL reference
+            (``kl_coef > 0``) is the same model with its adapters off instead of a second copy.
     """
 
     def __init__(
@@ -73,18 +82,33 @@ class R3LModule(L.LightningModule):
         model_dtype: Literal["float32", "bfloat16"] = "float32",
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int = 2048,
+        rollout_correction: RolloutCorrection = RolloutCorrection(),
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
+        if rollout_correction.mode == "tis" and (clip_low is not None or clip_high is not None):
+            raise ValueError(
+                "model.rollout_correction.mode=tis with clip_low/clip_high: the clipped ratio is already taken "
+                "against the rollout logprobs, so tis would weight by π_train/π_rollout twice; use mode mis or none"
+            )
         self.save_hyperparameters(ignore=["engine"])
+        # kept as given: under LightningCLI ``hparams`` holds these as plain dicts
+        self.rollout_correction = rollout_correction
+        self.lora_config = lora
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.policy = load_policy(model_name_or_path, _DTYPES[model_dtype])
+        if lora is not None:
+            self.policy = add_lora(self.policy, lora)
+            self.strict_loading = False  # checkpoints hold the adapters only; the base comes from the model path
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
+            if lora is not None:  # frozen embeddings: checkpointed blocks need an input that requires grad
+                self.policy.enable_input_require_grads()
         self.policy.config.use_cache = False
         self.policy.train()
         self.reference = None
-        if kl_coef > 0:
+        if kl_coef > 0 and lora is None:
             self.reference = load_policy(model_name_or_path, _DTYPES[model_dtype]).eval().requires_grad_(False)
         self.chat = ChatTokenizer(self.tokenizer, eos_token_ids(self.policy, self.tokenizer))
         self.skipped_steps = 0
@@ -135,10 +159,16 @@ class R3LModule(L.LightningModule):
 
     # ----- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """RNG states, so that a resumed run samples what the uninterrupted run would have."""
+        """RNG states, so that a resumed run samples what the uninterrupted run would have; with LoRA,
+        only the adapter weights (the frozen base is reloaded from ``model_name_or_path``)."""
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.lora_config is not None:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_name(k)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.lora_config is not None and not any(is_adapter_name(k) for k in checkpoint.get("state_dict", {})):
+            raise ValueError("this checkpoint has no LoRA adapter weights (it was written without model.lora): "
+                             "resume it without model.lora, or start a new run")
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])
@@ -170,8 +200,10 @@ class R3LModule(L.LightningModule):
         local = local / world
         return local[0].clamp(min=1.0), local[1].clamp(min=1.0)
 
-    def micro_batch_loss(self, mb: dict, rl_denom: torch.Tensor, sft_denom: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Loss contribution of one micro-batch to the step loss, and its metrics."""
+    def micro_batch_loss(self, mb: dict, rl_denom: torch.Tensor, sft_denom: torch.Tensor,
+                         mismatch: MismatchTotals | None = None) -> tuple[torch.Tensor, dict]:
+        """Loss contribution of one micro-batch to the step loss, and its metrics; adds the micro-batch's
+        rollout-vs-trainer mismatch to ``mismatch`` when given."""
         hp = self.hparams
         logits = self.policy(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
         logprobs, entropy = token_logprobs(
@@ -179,17 +211,25 @@ class R3LModule(L.LightningModule):
         )
         del logits
         rl_mask, sft_mask = _split_masks(mb)
-        ref_logprobs = None
-        if self.reference is not None:
-            with torch.no_grad():
-                ref_logits = self.reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-                ref_logprobs, _ = token_logprobs(ref_logits, mb["input_ids"], chunk_size=hp.logprob_chunk_size)
+        if mismatch is not None:
+            mismatch.add(logprobs, mb["old_logprobs"], mb["loss_mask"], mb["kind"], mb["has_old_logprobs"])
+        ref_logprobs = self._reference_logprobs(mb) if hp.kl_coef > 0 else None
+        rl_rows = rl_mask.sum(1) > 0  # zero-weight padding rows need no rollout logprobs
         use_ratio = hp.clip_low is not None or hp.clip_high is not None
-        if use_ratio and not bool(mb["has_old_logprobs"][~mb["is_sft"]].all()):
+        if use_ratio and not bool(mb["has_old_logprobs"][rl_rows].all()):
             raise ValueError(
                 "clip_low/clip_high need rollout logprobs but some RL samples have none: use an engine that "
                 "returns logprobs or drop the clipping options"
             )
+        base_rows = (mb["kind"] == SAMPLE_KINDS.index("base")) & rl_rows
+        correction = self.rollout_correction
+        if correction.mode != "none" and not bool(mb["has_old_logprobs"][base_rows].all()):
+            raise ValueError(
+                f"model.rollout_correction.mode={correction.mode} needs rollout logprobs but some base samples have "
+                "none: use an engine that returns logprobs or set mode none"
+            )
+        corrected = base_rows & mb["has_old_logprobs"]
+        weighted = correction_weights(logprobs, mb["old_logprobs"], corrected, correction)
         rl = policy_loss(
             logprobs,
             rl_mask,
@@ -204,6 +244,7 @@ class R3LModule(L.LightningModule):
             kl_estimator=hp.kl_estimator,
             shaped=mb["shaped"],
             shaping_gamma=hp.shaping_gamma,
+            token_weights=None if weighted is None else weighted[0],
             opmd_tau=hp.opmd_tau,
         )
         sft = sft_loss(logprobs, sft_mask)
@@ -217,7 +258,22 @@ class R3LModule(L.LightningModule):
             "tokens": mb["attention_mask"].sum().float(),
             **{k: v.detach() for k, v in rl.metrics.items()},
         }
+        if weighted is not None:
+            tokens = (rl_mask != 0) & corrected[:, None]
+            metrics.update(correction_tokens=tokens.sum(), correction_weight_sum=(weighted[0] * tokens).sum(),
+                           correction_capped=(weighted[1] & tokens).sum())
         return loss, metrics
+
+    @torch.no_grad()
+    def _reference_logprobs(self, mb: dict) -> torch.Tensor:
+        """Token logprobs of the frozen reference: the reference model, or the LoRA policy with adapters off."""
+        inputs = {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}
+        if self.reference is not None:
+            logits = self.reference(**inputs).logits
+        else:
+            with adapters_disabled(self.policy):
+                logits = self.policy(**inputs).logits
+        return token_logprobs(logits, mb["input_ids"], chunk_size=self.hparams.logprob_chunk_size)[0]
 
     def training_step(self, dataloader_iter: Iterator) -> torch.Tensor:
         """One optimizer step over the next item (a list of micro-batches) of the experience loader.
@@ -231,9 +287,10 @@ class R3LModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         rl_denom, sft_denom = self._global_denominators(batch)
         totals: dict[str, torch.Tensor] = {}
+        mismatch = MismatchTotals(self.device)
         loss_total = torch.zeros((), device=self.device)
         for mb in batch:
-            loss, metrics = self.micro_batch_loss(mb, rl_denom, sft_denom)
+            loss, metrics = self.micro_batch_loss(mb, rl_denom, sft_denom, mismatch)
             self.manual_backward(loss)
             loss_total += loss.detach()
             for k, v in metrics.items():
@@ -251,7 +308,7 @@ class R3LModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         self.rollout_engine.on_policy_update(self.global_step)
-        self._log_step(batch, loss_total, totals)
+        self._log_step(batch, loss_total, totals, mismatch)
         return loss_total
 
     def _clip_gradients(self, optimizer, max_norm: float) -> None:
@@ -269,7 +326,8 @@ class R3LModule(L.LightningModule):
             flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
         return bool(flag.item() > 0)
 
-    def _log_step(self, batch: list[dict], loss: torch.Tensor, totals: dict[str, torch.Tensor]) -> None:
+    def _log_step(self, batch: list[dict], loss: torch.Tensor, totals: dict[str, torch.Tensor],
+                  mismatch: MismatchTotals) -> None:
         rl_rows = torch.cat([~mb["is_sft"] & (mb["loss_mask"].sum(1) > 0) for mb in batch])
         advantages = torch.cat([mb["advantages"] for mb in batch])[rl_rows]
         assistant = sum(mb["assistant_tokens"][~mb["is_sft"]].sum() for mb in batch)
@@ -294,9 +352,14 @@ class R3LModule(L.LightningModule):
         for key in ("clip_fraction", "kl", "ratio_mean"):
             if key in totals:
                 logs[f"train/{key}"] = totals[key] / len(batch)
+        if "correction_tokens" in totals:
+            count = totals["correction_tokens"].clamp(min=1)
+            logs["train/correction_weight_mean"] = totals["correction_weight_sum"] / count
+            logs["train/correction_capped_fraction"] = totals["correction_capped"] / count
+        mismatch.all_reduce()  # every rank logs here: the collective is matched (mismatch/* are global)
         # Logged straight to the loggers: with ``dataloader_iter`` Lightning would re-flush the last
         # step's ``self.log`` values when the epoch ends. Values are this rank's (rank 0 writes).
-        metrics = {k: float(v) for k, v in logs.items()}
+        metrics = {k: float(v) for k, v in logs.items()} | mismatch.metrics()
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.global_step)
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=n_rows)

@@ -1,4 +1,5 @@
-"""VLLMEngine checks (tests/vllm_engine_checks.py), run in their own pytest process (see isolated.py)."""
+"""VLLMEngine checks (tests/vllm_engine_checks.py, tests/vllm_lora_checks.py), run in their own pytest process
+(see isolated.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ pytest.importorskip("vllm")
 
 def test_vllm_engine_checks_pass_in_a_separate_process():
     assert_checks_pass(Path(__file__).with_name("vllm_engine_checks.py"))
+
+
+def test_vllm_lora_checks_pass_in_a_separate_process():
+    pytest.importorskip("peft")
+    assert_checks_pass(Path(__file__).with_name("vllm_lora_checks.py"))
 
 
 def test_r3l_fit_with_the_vllm_engine_runs_two_epochs(tmp_path):

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
 from r3l_lightning.engines.constraints import CompiledConstraints, Constraint
-from r3l_lightning.models import is_sharded, named_full_weights
+from r3l_lightning.lora import named_inference_weights
+from r3l_lightning.models import is_sharded
 
 
 class HFEngine(RolloutEngine):
@@ -45,7 +46,7 @@ class HFEngine(RolloutEngine):
             self._inference_copy.to(self._device())
         target = self._inference_copy.state_dict()
         with torch.no_grad():
-            for name, tensor in named_full_weights(self.policy):
+            for name, tensor in named_inference_weights(self.policy):  # LoRA merged in
                 target[name].copy_(tensor)
 
     def max_context(self) -> int | None:

