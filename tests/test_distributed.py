@@ -71,6 +71,7 @@ def _exported(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(latest)
 
 
+@pytest.mark.slow  # ~2 min of two processes; FSDP1 training itself stays in the default suite
 def test_fsdp1_checkpoint_resumes_to_the_uninterrupted_result(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir()

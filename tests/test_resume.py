@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -45,6 +46,7 @@ def epoch3_metrics(rows_: list[dict], epoch3_start: int) -> dict[tuple[int, str]
     return out
 
 
+@pytest.mark.slow  # ~3 min; the default suite keeps exact resume through test_lora's resume test and the SIGTERM test
 def test_kill_during_epoch_3_rollouts_then_resume_equals_uninterrupted(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     straight.mkdir(), crashed.mkdir()
