@@ -19,9 +19,9 @@ def load_script():
 
 def test_quick_comparison_on_the_tiny_model(tmp_path):
     compare = load_script()
-    budget = 150  # --quick: 450 // 3; one tiny-model epoch generates ~100-200 rollout tokens
+    budget = 150  # one tiny-model epoch generates ~100-200 rollout tokens
     compare.main(["--quick", "--config", str(ROOT / "configs" / "smoke" / "tiny.yaml"), "--out", str(tmp_path),
-                  "--methods", "R3L", "GRPO", "--budget", "450", "--eval_every", "1", "--eval_tasks", "4",
+                  "--methods", "R3L", "GRPO", "--budget", str(budget), "--eval_every", "1", "--eval_tasks", "4",
                   "--eval_max_new_tokens", "8"])
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [r["method"] for r in rows if r["method"] == "initial policy"] == ["initial policy"]  # once per seed
