@@ -82,7 +82,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def plot(results: dict, initial: dict, path: Path) -> None:
+def plot(results: dict, initial: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +98,7 @@ def plot(results: dict, initial: dict, path: Path) -> None:
         ax.plot(xs, ys, marker="o", label=method)
     ax.set_xlabel("generated rollout tokens (base + reflection + retry)")
     ax.set_ylabel("eval success rate")
-    ax.set_title("Countdown, SmolLM2-135M-Instruct: eval success vs rollout tokens")
+    ax.set_title(f"eval success vs rollout tokens: {title}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -160,7 +160,7 @@ def write_results(args, results: dict, initial: dict) -> None:
                     writer.writerow([method, seed, tokens, success, reward])
     init_mean, init_se = mean_se(list(initial.values()))
     lines = [
-        f"Countdown ({args.config.name}), SmolLM2-135M-Instruct, {len(args.seeds)} seed(s), "
+        f"{args.config}, {len(args.seeds)} seed(s), "
         f"budget {args.budget:,} generated rollout tokens per run, eval on {args.eval_tasks} held-out tasks.",
         "",
         "| method | eval success | eval reward | rollout tokens | trained tokens | wall time |",
@@ -177,7 +177,7 @@ def write_results(args, results: dict, initial: dict) -> None:
                      f"{tokens:,.0f} | {trained:,.0f} | {wall / 60:.1f} min |")
     lines += ["", "Mean ± standard error over seeds (final evaluation of each run)."]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    plot(results, initial, args.out / "eval_success.png")
+    plot(results, initial, args.out / "eval_success.png", args.config.name)
     print("\n".join(lines))
     print(f"wrote {args.out / 'results.md'}, {args.out / 'results.csv'}, {args.out / 'eval_success.png'}")
 

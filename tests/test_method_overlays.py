@@ -23,14 +23,14 @@ EXPECTED = {
                            "retry_selection": "all", "pivotal_credit": True, "sft_rule": "paper",
                            "correction_loss": "sft", "keep_success_reflections": False}),
         "model": {"aggregation": "seq-mean-token-mean", "sft_coef": 1.0, "kl_coef": 0.0, "opmd_tau": 0.0,
-                  "weight_decay": 0.01, "clip_low": None, "clip_high": None, "lr": 1e-6, "max_grad_norm": 1.0},
+                  "weight_decay": 0.01, "clip_low": None, "clip_high": None, "max_grad_norm": 1.0},
     },
     "r3l_authors_code": {
         "explorer": (R3L, {"advantage": "r3l_reference", "alpha": 3.0, "reflection_temperature": 1.0,
                            "retries_per_base": 1, "pivotal_credit": True, "sft_rule": "reference",
                            "correction_loss": "reinforce", "keep_success_reflections": True}),
         "model": {"aggregation": "token-mean", "opmd_tau": 1.0, "kl_coef": 0.001, "kl_estimator": "k2",
-                  "weight_decay": 0.01, "clip_low": None, "clip_high": None, "lr": 1e-6, "max_grad_norm": 1.0},
+                  "weight_decay": 0.01, "clip_low": None, "clip_high": None, "max_grad_norm": 1.0},
     },
     "grpo": {
         "explorer": (GROUP, {"advantage": "grpo", "singleton": "no_signal"}),
@@ -67,6 +67,9 @@ EXPECTED = {
     "r3l_no_pivot": {"explorer": (R3L, {"pivotal_credit": False, "advantage": "r3l"}), "model": {}},
     "r3l_no_amplification": {"explorer": (R3L, {"advantage": "grpo", "pivotal_credit": True}), "model": {}},
     "r3l_no_reflect_retry": {"explorer": (GROUP, {"advantage": "r3l"}), "model": {}},
+    # the task's explorer; the learning rate and batch are the task config's (method table, "N, learning rate")
+    "lora": {"explorer": (R3L, {}), "model": {"lr": 5e-4, "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0,
+                                                                    "target_modules": "all-linear"}}},
 }
 
 
