@@ -98,6 +98,7 @@ class EvalCallback(L.Callback):
         self.task_success: dict[str, list[float]] = {}
         self.last_task_success: list[float] = []
         self.last_records: list[dict] = []  # this rank's rollout records of the last run, one per task
+        self.gain_line: str | None = None  # the printed before → after gain, once both evaluations ran
 
     def run(self, datamodule, pl_module: L.LightningModule, rank: int = 0, world_size: int = 1,
             trainer: L.Trainer | None = None) -> dict[str, float]:
@@ -144,6 +145,7 @@ class EvalCallback(L.Callback):
         save_rollouts(trainer, trainer.datamodule.rollout_log, "eval", epoch, self.last_records)
         say(trainer, describe(label, result))
         if gain_line is not None:
+            self.gain_line = gain_line
             say(trainer, gain_line)
         return result
 

@@ -29,6 +29,9 @@ def test_fit_two_epochs_writes_metrics_checkpoint_hf_model_rollouts_and_curves(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[eval before training] success_rate=" in proc.stderr + proc.stdout
     assert "[eval after training] success_rate=" in proc.stderr + proc.stdout
+    # the run's report ends with the before → after gain and its standard error
+    report_lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("curves: ", "[eval gain]"))]
+    assert report_lines[-2].startswith("curves: ") and report_lines[-1].startswith("[eval gain] success_rate "), report_lines
     run_dir = tmp_path / "runs" / "smoke"
     (metrics,) = list(run_dir.glob("csv/version_*/metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))
