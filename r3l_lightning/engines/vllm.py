@@ -216,14 +216,13 @@ class VLLMEngine(RolloutEngine):
         return "bfloat16" if self._on_gpu() or cpu_has_native_bf16() else "float32"
 
     def _model_dir(self) -> tuple[str, str]:
-        """(directory, load_format): the policy's checkpoint directory, or its config and tokenizer in a
-        temp dir with dummy weights (the first sync overwrites every weight anyway)."""
+        """(directory, load_format): the policy's checkpoint directory, or its config in a temp dir with
+        dummy weights (the first sync overwrites every weight anyway)."""
         for path in (getattr(self.policy, "name_or_path", None), getattr(self.policy.config, "_name_or_path", None)):
             if path and os.path.isfile(os.path.join(str(path), "config.json")):
                 return str(path), "auto"
         tmp = self._scratch_dir()
         self.policy.config.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
         if getattr(self.policy, "generation_config", None) is not None:
             self.policy.generation_config.save_pretrained(tmp)
         return tmp, "dummy"
@@ -233,6 +232,14 @@ class VLLMEngine(RolloutEngine):
         if self._tmp_dir is None:
             self._tmp_dir = tempfile.mkdtemp(prefix="r3l_vllm_")
         return self._tmp_dir
+
+    def _tokenizer_dir(self, model_dir: str) -> str:
+        """``model_dir`` when it holds a tokenizer, else the scratch dir with the policy's tokenizer saved in it
+        (vLLM loads the tokenizer for structured outputs)."""
+        if os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
+            return model_dir
+        self.tokenizer.save_pretrained(self._scratch_dir())
+        return self._scratch_dir()
 
     def _engine(self):
         if self.llm is None:
@@ -244,12 +251,10 @@ class VLLMEngine(RolloutEngine):
             raise RuntimeError("VLLMEngine used before bind(policy, tokenizer, eos_token_ids)")
         vllm = _vllm()
         model_dir, load_format = self._model_dir()
-        if not os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
-            self.tokenizer.save_pretrained(self._scratch_dir())
         gpu = self._on_gpu()
         kwargs: dict[str, Any] = dict(
             model=model_dir,
-            tokenizer=model_dir if self._tmp_dir is None else self._tmp_dir,
+            tokenizer=self._tokenizer_dir(model_dir),
             load_format=load_format,
             # token ids in, token ids out (detokenize=False); the tokenizer is loaded for structured outputs
             generation_config="vllm",  # our SamplingParams are explicit; ignore generation_config.json
