@@ -131,9 +131,7 @@ class CritiqueGRPOExplorer(R3LExplorer):
         if not failures:
             return
         prompts = [ctx.chat.prompt_ids(p.reflection_messages) for p in failures]
-        outputs = ctx.engine.generate(prompts, self._params(self.reflection_sampling, 1))
-        if ctx.progress is not None:
-            ctx.progress(len(failures), "reflection")
+        outputs = ctx.generate(prompts, self._params(self.reflection_sampling, 1), "reflection")
         for pair, (completion,) in zip(failures, outputs):
             counters.add("tokens_reflection", len(completion.token_ids))
             pair.reflection_response = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)

@@ -8,7 +8,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
-from r3l_lightning.engines.base import RolloutEngine, SamplingParams
+from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.envs.base import Environment, Episode, Task
 from r3l_lightning.trajectory import ChatTokenizer, Message, Trajectory
 
@@ -26,6 +27,18 @@ class RolloutContext:
     # called after every generate call with the number of sequences and the phase: "base", "reflection",
     # "retry", "eval" (the ``token_key`` of :func:`run_episodes` without its ``tokens_`` prefix)
     progress: Callable[[int, str], None] | None = None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, phase: str,
+                 constraints: list[Constraint | None] | None = None) -> list[list[Completion]]:
+        """``engine.generate``, then ``progress``. ``constraints`` reach the engine only when one of them is set,
+        so engines written without constraints keep working wherever nothing is constrained."""
+        if constraints is not None and any(c is not None for c in constraints):
+            outputs = self.engine.generate(prompts, params, constraints)
+        else:
+            outputs = self.engine.generate(prompts, params)
+        if self.progress is not None:
+            self.progress(len(prompts), phase)
+        return outputs
 
 
 @dataclass
@@ -133,12 +146,7 @@ def run_episodes(
         if not stepping:
             continue
         constraints = [ctx.env.response_constraint(state.task) for state in stepping]
-        if any(c is not None for c in constraints):
-            outputs = ctx.engine.generate(prompts, params, constraints)
-        else:
-            outputs = ctx.engine.generate(prompts, params)
-        if ctx.progress is not None:
-            ctx.progress(len(prompts), token_key.removeprefix("tokens_"))
+        outputs = ctx.generate(prompts, params, token_key.removeprefix("tokens_"), constraints)
         for state, (completion,) in zip(stepping, outputs):
             counters.add(token_key, len(completion.token_ids))
             if completion.finish_reason == "length":

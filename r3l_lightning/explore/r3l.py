@@ -198,6 +198,7 @@ class R3LExplorer(GroupExplorer):
             return
         prompts = [ctx.chat.prompt_ids(p.reflection_messages) for p in pairs]
         params = self._params(self.reflection_sampling, 1)
+        constraints = None
         if self.reflection_decoding == "schema":
             constraints = [
                 Constraint(json_schema=report_schema(p.base.num_turns, p.base.reward, ctx.env.max_reward,
@@ -205,11 +206,7 @@ class R3LExplorer(GroupExplorer):
                 if p.base.num_turns > 0 else None
                 for p in pairs
             ]
-            outputs = ctx.engine.generate(prompts, params, constraints)
-        else:  # engines written without constraints keep working with free decoding
-            outputs = ctx.engine.generate(prompts, params)
-        if ctx.progress is not None:
-            ctx.progress(len(prompts), "reflection")
+        outputs = ctx.generate(prompts, params, "reflection", constraints)
         for pair, (completion,) in zip(pairs, outputs):
             counters.add("tokens_reflection", len(completion.token_ids))
             pair.reflection_response = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)
