@@ -248,10 +248,15 @@ class ExperienceDataModule(L.LightningDataModule):
         self._planned = planned
         return num_steps
 
-    def take_planned_steps(self) -> list[list[MicroBatch]]:
-        if self._planned is None:  # filled without the exploration callback: single-process planning
+    def planned_steps(self) -> list[list[MicroBatch]]:
+        """This epoch's optimizer steps, planned now if the buffer was filled without the exploration callback
+        (single-process planning)."""
+        if self._planned is None:
             self.plan_epoch()
-        planned, self._planned = self._planned, None
+        return self._planned
+
+    def take_planned_steps(self) -> list[list[MicroBatch]]:
+        planned, self._planned = self.planned_steps(), None
         return planned
 
     def train_dataloader(self) -> DataLoader:

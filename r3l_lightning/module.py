@@ -26,7 +26,7 @@ class R3LModule(L.LightningModule):
     Loss (spec section 4): ``L = L_RL + sft_coef · L_SFT``. ``L_RL`` is masked REINFORCE with the
     explorer's advantages (no importance ratio, no clipping, no KL, no reference model) unless a
     baseline asks for them: ``clip_low``/``clip_high`` turn on the clipped importance ratio against
-    the rollout logprobs (``ratio_level`` token or sequence), ``kl_coef > 0`` loads a frozen
+    the old policy (``ratio_level`` token or sequence; ``old_logprobs``), ``kl_coef > 0`` loads a frozen
     reference model for the KL term (``kl_estimator`` k3 or k2), ``shaping_gamma`` trains refinement
     samples with Critique-GRPO's policy shaping, ``opmd_tau`` divides the policy term by 1 + τ (OPMD).
 
@@ -40,6 +40,13 @@ class R3LModule(L.LightningModule):
             (vLLM on CUDA machines with vLLM installed, ``HFEngine`` on the policy itself otherwise).
         aggregation: ``seq-mean-token-mean`` (spec) or ``token-mean``.
         sft_coef: λ_sft.
+        old_logprobs: the clipped ratio's old policy. ``trainer`` (verl's ``old_log_prob``): the policy's own
+            logprobs of the epoch's samples, computed once after exploration and before the epoch's first
+            update, so the ratio is exactly 1 on that update and only the epoch's own updates move it;
+            the engine's sampling temperature and decoding constraints (processed logprobs, renormalised
+            over the allowed tokens: always ≥ the policy's) never enter it. ``rollout``: the engine's
+            logprobs as sampled (no extra forward pass; biased under a decoding constraint or a
+            temperature ≠ 1). Unused without ``clip_low``/``clip_high``.
         kl_coef, kl_estimator: weight and estimator (``k3`` or ``k2``, see :func:`~r3l_lightning.losses.kl_estimate`)
             of the KL term to the frozen reference model, which is loaded only when ``kl_coef > 0``.
         opmd_tau: OPMD's τ: the policy-gradient term is divided by 1 + τ (the KL term is not).
@@ -70,6 +77,7 @@ class R3LModule(L.LightningModule):
         clip_low: float | None = None,
         clip_high: float | None = None,
         ratio_level: Literal["token", "sequence"] = "token",
+        old_logprobs: Literal["trainer", "rollout"] = "trainer",
         kl_coef: float = 0.0,
         kl_estimator: Literal["k3", "k2"] = "k3",
         shaping_gamma: float | None = None,
@@ -86,10 +94,11 @@ class R3LModule(L.LightningModule):
         lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
-        if rollout_correction.mode == "tis" and (clip_low is not None or clip_high is not None):
+        if rollout_correction.mode == "tis" and old_logprobs == "rollout" and (clip_low is not None or clip_high is not None):
             raise ValueError(
-                "model.rollout_correction.mode=tis with clip_low/clip_high: the clipped ratio is already taken "
-                "against the rollout logprobs, so tis would weight by π_train/π_rollout twice; use mode mis or none"
+                "model.rollout_correction.mode=tis with clip_low/clip_high and old_logprobs=rollout: the clipped ratio "
+                "is already taken against the rollout logprobs, so tis would weight by π_train/π_rollout twice; "
+                "use mode mis or none, or old_logprobs trainer"
             )
         self.save_hyperparameters(ignore=["engine"])
         # kept as given: under LightningCLI ``hparams`` holds these as plain dicts
@@ -215,12 +224,15 @@ class R3LModule(L.LightningModule):
             mismatch.add(logprobs, mb["old_logprobs"], mb["loss_mask"], mb["kind"], mb["has_old_logprobs"])
         ref_logprobs = self._reference_logprobs(mb) if hp.kl_coef > 0 else None
         rl_rows = rl_mask.sum(1) > 0  # zero-weight padding rows need no rollout logprobs
-        use_ratio = hp.clip_low is not None or hp.clip_high is not None
-        if use_ratio and not bool(mb["has_old_logprobs"][rl_rows].all()):
-            raise ValueError(
-                "clip_low/clip_high need rollout logprobs but some RL samples have none: use an engine that "
-                "returns logprobs or drop the clipping options"
-            )
+        use_ratio = self._uses_ratio()
+        old_logprobs = mb.get("policy_old_logprobs")
+        if use_ratio and old_logprobs is None:
+            if not bool(mb["has_old_logprobs"][rl_rows].all()):
+                raise ValueError(
+                    "clip_low/clip_high with old_logprobs=rollout need rollout logprobs but some RL samples have "
+                    "none: use an engine that returns logprobs, or model.old_logprobs trainer"
+                )
+            old_logprobs = mb["old_logprobs"]
         base_rows = (mb["kind"] == SAMPLE_KINDS.index("base")) & rl_rows
         correction = self.rollout_correction
         if correction.mode != "none" and not bool(mb["has_old_logprobs"][base_rows].all()):
@@ -235,7 +247,7 @@ class R3LModule(L.LightningModule):
             rl_mask,
             mb["advantages"],
             aggregation=hp.aggregation,
-            old_logprobs=mb["old_logprobs"] if use_ratio else None,
+            old_logprobs=old_logprobs if use_ratio else None,
             clip_low=hp.clip_low,
             clip_high=hp.clip_high,
             ratio_level=hp.ratio_level,
@@ -263,6 +275,32 @@ class R3LModule(L.LightningModule):
             metrics.update(correction_tokens=tokens.sum(), correction_weight_sum=(weighted[0] * tokens).sum(),
                            correction_capped=(weighted[1] & tokens).sum())
         return loss, metrics
+
+    def _uses_ratio(self) -> bool:
+        return self.hparams.clip_low is not None or self.hparams.clip_high is not None
+
+    @torch.no_grad()
+    def on_train_epoch_start(self) -> None:
+        """``old_logprobs: trainer``: the old policy's token logprobs (``policy_old_logprobs``) of every micro-batch
+        the epoch will train on, by the policy before the epoch's first update.
+
+        Runs after the exploration callback (Lightning calls callbacks' hooks first) on this rank's planned
+        steps, which hold the same number of micro-batches on every rank, so sharded forwards stay matched.
+        """
+        if self.hparams.old_logprobs != "trainer" or not self._uses_ratio():
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "planned_steps"):
+            raise ValueError("model.old_logprobs=trainer reads the epoch's planned steps from the ExperienceDataModule; "
+                             "train with it, or set model.old_logprobs rollout")
+        for step in datamodule.planned_steps():
+            for mb in step:
+                inputs = self.trainer.strategy.batch_to_device(
+                    {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}, self.device)
+                with self.trainer.precision_plugin.train_step_context():  # as the training forward
+                    logits = self.policy(**inputs).logits
+                logprobs = token_logprobs(logits, inputs["input_ids"], chunk_size=self.hparams.logprob_chunk_size)[0]
+                mb["policy_old_logprobs"] = logprobs.float().to(mb["old_logprobs"].device)
 
     @torch.no_grad()
     def _reference_logprobs(self, mb: dict) -> torch.Tensor:

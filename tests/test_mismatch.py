@@ -93,7 +93,8 @@ def test_correction_none_and_config_errors():
     with pytest.raises(ValueError, match="rollout_correction.cap=0.5"):
         RolloutCorrection("mis", cap=0.5)
     with pytest.raises(ValueError, match="tis would weight by .* twice"):
-        R3LModule(TINY_RANDOM, clip_low=0.2, clip_high=0.2, rollout_correction=RolloutCorrection("tis"))
+        R3LModule(TINY_RANDOM, clip_low=0.2, clip_high=0.2, old_logprobs="rollout",
+                  rollout_correction=RolloutCorrection("tis"))
 
 
 @pytest.fixture(scope="module")
