@@ -1,8 +1,8 @@
 """The paper's method comparison at our scale, in one command: R³L, GRPO and R³L's three ablations (optionally
 RAFT and OPMD) on the same task, model, seeds and rollout-token budget.
 
-    python experiments/compare_methods.py            # 3 seeds
-    python experiments/compare_methods.py --quick    # 1 seed
+    python experiments/compare_methods.py            # 3 seeds, 3,600 rollout tokens a run
+    python experiments/compare_methods.py --quick    # 1 seed, 1,800 rollout tokens a run
 
 Every run is ``r3l fit --config configs/countdown/r3l.yaml [--config configs/methods/<method>.yaml]`` with a
 ``RolloutTokenBudget`` (generated tokens of base samples, reflections and retries: R³L pays for its
@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "countdown" / "r3l.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=7300,
-                        help="generated rollout tokens per run (the main job's 4 R³L epochs generated 7,278)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="generated rollout tokens per run (default 3,600, --quick 1,800; an R³L epoch of the "
+                             "main job generates ~1,800: 4 tasks × (4 base + 4 reflections + 4 retries))")
     parser.add_argument("--eval_every", type=int, default=3, help="epochs between evaluations")
     parser.add_argument("--eval_tasks", type=int, default=64)
     parser.add_argument("--eval_max_new_tokens", type=int, default=24)
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
+    if args.budget is None:
+        args.budget = 1800 if args.quick else 3600
     methods = dict(METHODS, **(OPTIONAL if args.optional else {}))
     if args.methods:
         methods = {m: methods[m] for m in args.methods}
