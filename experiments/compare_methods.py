@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optional", action="store_true", help="also run RAFT and OPMD")
     parser.add_argument("--methods", nargs="+", help="a subset of the method names")
     parser.add_argument("--quick", action="store_true", help="the first seed only")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the table and the picture from the finished runs under --out")
     parser.add_argument("extra", nargs="*", help="more r3l fit arguments for every run (after --)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -136,18 +138,25 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for i, (method, overlay) in enumerate(methods.items()):
             out = args.out / method.replace(" ", "_").replace("/", "") / f"seed{seed}"
-            start = time.perf_counter()
-            log = (args.out / f"{out.parent.name}-seed{seed}.log").open("w")
-            cmd = run_command(args, overlay, seed, out, before_training=(i == 0))
-            subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            if args.report and not (out / "wall_s").exists():
+                continue
+            if not args.report:
+                start = time.perf_counter()
+                log = (args.out / f"{out.parent.name}-seed{seed}.log").open("w")
+                cmd = run_command(args, overlay, seed, out, before_training=(i == 0))
+                subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+                (out / "wall_s").write_text(f"{time.perf_counter() - start:.1f}\n")
             run = read_run(out)
-            run["wall_s"] = time.perf_counter() - start
+            run["seed"], run["wall_s"] = seed, float((out / "wall_s").read_text())
             if i == 0:  # the first method's run evaluated the initial policy of this seed
                 initial[seed] = run["evals"].pop(0)[1]
             results[method].append(run)
             final = run["evals"][-1]
             print(f"{method:28s} seed {seed}: eval success {final[1]:.3f} reward {final[2]:.3f} after "
                   f"{final[0]:.0f} rollout tokens ({run['wall_s']:.0f} s)", flush=True)
+    results = {m: runs for m, runs in results.items() if runs}
+    if not results or not initial:
+        raise SystemExit(f"no finished runs under {args.out} (the first method of a seed evaluates its initial policy)")
     write_results(args, results, initial)
 
 
@@ -158,17 +167,18 @@ def write_results(args, results: dict, initial: dict) -> None:
         for seed, success in initial.items():
             writer.writerow(["initial policy", seed, 0, success, ""])
         for method, runs in results.items():
-            for seed, run in zip(args.seeds, runs):
+            for run in runs:
+                seed = run["seed"]
                 for tokens, success, reward in run["evals"]:
                     writer.writerow([method, seed, tokens, success, reward])
     init_mean, init_se = mean_se(list(initial.values()))
     lines = [
-        f"{args.config}, {len(args.seeds)} seed(s), "
+        f"{args.config.name}, seeds {', '.join(map(str, initial))}, "
         f"budget {args.budget:,} generated rollout tokens per run, eval on {args.eval_tasks} held-out tasks.",
         "",
-        "| method | eval success | eval reward | rollout tokens | trained tokens | wall time |",
-        "|---|---|---|---|---|---|",
-        f"| initial policy | {init_mean:.3f} ± {init_se:.3f} | | 0 | 0 | |",
+        "| method | seeds | eval success | eval reward | rollout tokens | trained tokens | wall time |",
+        "|---|---|---|---|---|---|---|",
+        f"| initial policy | {len(initial)} | {init_mean:.3f} ± {init_se:.3f} | | 0 | 0 | |",
     ]
     for method, runs in results.items():
         success = mean_se([r["evals"][-1][1] for r in runs])
@@ -176,9 +186,10 @@ def write_results(args, results: dict, initial: dict) -> None:
         tokens = sum(r["evals"][-1][0] for r in runs) / len(runs)
         trained = sum(r["trained_tokens"] for r in runs) / len(runs)
         wall = sum(r["wall_s"] for r in runs) / len(runs)
-        lines.append(f"| {method} | {success[0]:.3f} ± {success[1]:.3f} | {reward[0]:.3f} ± {reward[1]:.3f} | "
+        lines.append(f"| {method} | {len(runs)} | {success[0]:.3f} ± {success[1]:.3f} | {reward[0]:.3f} ± {reward[1]:.3f} | "
                      f"{tokens:,.0f} | {trained:,.0f} | {wall / 60:.1f} min |")
-    lines += ["", "Mean ± standard error over seeds (final evaluation of each run)."]
+    lines += ["", "Mean ± standard error over seeds (final evaluation of each run); "
+              "rollout tokens, trained tokens and wall time: means per run."]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     plot(results, initial, args.out / "eval_success.png", args.config.name)
     print("\n".join(lines))
