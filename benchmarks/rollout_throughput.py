@@ -20,6 +20,7 @@ import os
 import time
 
 import torch
+from machine import linear_shapes, matmul_rate
 
 from r3l_lightning.engines.base import RolloutEngine, SamplingParams
 from r3l_lightning.engines.hf import HFEngine
@@ -47,22 +48,7 @@ def decode_limit(policy: torch.nn.Module, rows: int, dtype: torch.dtype, repeats
     """Tokens/s if every decode step ran all of the model's linear layers at the matmul rate measured
     in ``dtype`` on the policy's device."""
     device = next(policy.parameters()).device
-    shapes = [(m.in_features, m.out_features) for m in policy.modules() if isinstance(m, torch.nn.Linear)]
-    weights = [torch.randn(i, o, device=device, dtype=dtype) for i, o in shapes]
-    inputs = [torch.randn(rows, i, device=device, dtype=dtype) for i, _ in shapes]
-    flops = sum(2 * rows * i * o for i, o in shapes)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for x, w in zip(inputs, weights):  # warm-up
-        torch.matmul(x, w)
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        for x, w in zip(inputs, weights):
-            torch.matmul(x, w)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    flop_rate = flops / best
+    flop_rate = matmul_rate(linear_shapes(policy), rows, dtype, device, repeats)
     params_per_token = sum(p.numel() for p in policy.parameters())
     print(f"matmul rate at decode shapes ({rows} rows, {dtype}, {device}, {torch.get_num_threads()} threads): "
           f"{flop_rate / 1e9:.1f} GFLOP/s; 2 x {params_per_token / 1e6:.1f} M params per token")

@@ -117,7 +117,10 @@ def plan_steps(
     rng: random.Random,
 ) -> list[list[list[TrainingSample]]]:
     """Shuffle groups into mini-batches of ``groups_per_step`` groups (one optimizer step each),
-    spread SFT samples evenly over the steps, and pack every step into micro-batches."""
+    spread SFT samples evenly over the steps, and pack every step into micro-batches, shortest samples
+    first: similar lengths share a micro-batch, so little of it is padding (length bucketing). A step's
+    loss is a sum over its samples with step-level denominators, so their order within the step does
+    not change it."""
     groups = list(groups)
     sft = list(sft)
     rng.shuffle(groups)
@@ -127,7 +130,7 @@ def plan_steps(
     for i in range(num_steps):
         samples = [s for g in groups[i * groups_per_step : (i + 1) * groups_per_step] for s in g]
         samples += sft[i::num_steps]
-        steps.append(pack(samples, max_tokens))
+        steps.append(pack(sorted(samples, key=lambda s: len(s.input_ids)), max_tokens))
     return steps
 
 

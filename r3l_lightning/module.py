@@ -41,8 +41,10 @@ class R3LModule(L.LightningModule):
         aggregation: ``seq-mean-token-mean`` (spec) or ``token-mean``.
         sft_coef: λ_sft.
         old_logprobs: the clipped ratio's old policy. ``trainer`` (verl's ``old_log_prob``): the policy's own
-            logprobs of the epoch's samples, computed once after exploration and before the epoch's first
-            update, so the ratio is exactly 1 on that update and only the epoch's own updates move it;
+            logprobs of the epoch's samples before its first update (the first step's are its own training forward,
+            detached; the later steps' are computed once after exploration: one extra forward per micro-batch
+            after the first step, none when an epoch is one step), so the ratio is exactly 1 on the first
+            update and only the epoch's own updates move it;
             the engine's sampling temperature and decoding constraints (processed logprobs, renormalised
             over the allowed tokens: always ≥ the policy's) never enter it. ``rollout``: the engine's
             logprobs as sampled (no extra forward pass; biased under a decoding constraint or a
@@ -226,7 +228,9 @@ class R3LModule(L.LightningModule):
         rl_rows = rl_mask.sum(1) > 0  # zero-weight padding rows need no rollout logprobs
         use_ratio = self._uses_ratio()
         old_logprobs = mb.get("policy_old_logprobs")
-        if use_ratio and old_logprobs is None:
+        if use_ratio and old_logprobs is None and hp.old_logprobs == "trainer":
+            old_logprobs = logprobs.detach()  # the epoch's first step: the old policy is the current one
+        elif use_ratio and old_logprobs is None:
             if not bool(mb["has_old_logprobs"][rl_rows].all()):
                 raise ValueError(
                     "clip_low/clip_high with old_logprobs=rollout need rollout logprobs but some RL samples have "
@@ -282,7 +286,8 @@ class R3LModule(L.LightningModule):
     @torch.no_grad()
     def on_train_epoch_start(self) -> None:
         """``old_logprobs: trainer``: the old policy's token logprobs (``policy_old_logprobs``) of every micro-batch
-        the epoch will train on, by the policy before the epoch's first update.
+        the epoch will train on after its first update, by the policy before that update. The first step's
+        micro-batches need no extra forward: their old logprobs are the training forward's, detached.
 
         Runs after the exploration callback (Lightning calls callbacks' hooks first) on this rank's planned
         steps, which hold the same number of micro-batches on every rank, so sharded forwards stay matched.
@@ -293,7 +298,7 @@ class R3LModule(L.LightningModule):
         if not hasattr(datamodule, "planned_steps"):
             raise ValueError("model.old_logprobs=trainer reads the epoch's planned steps from the ExperienceDataModule; "
                              "train with it, or set model.old_logprobs rollout")
-        for step in datamodule.planned_steps():
+        for step in datamodule.planned_steps()[1:]:
             for mb in step:
                 inputs = self.trainer.strategy.batch_to_device(
                     {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}, self.device)

