@@ -97,6 +97,9 @@ class ExplorationCallback(L.Callback):
         datamodule.buffer.put(result.groups, result.sft)
         steps = datamodule.plan_epoch(trainer.world_size, reduce_max_fn(trainer))
         stats = dict(result.stats, time_explore_s=time.perf_counter() - start, optimizer_steps=float(steps))
+        syncs = getattr(pl_module.rollout_engine, "syncs", None)  # engines that copy weights (vLLM) count them
+        if syncs is not None:
+            stats["engine_weight_syncs"] = float(syncs)
         self.last_stats = reduce_stats(trainer, stats)
         metrics = {f"explore/{k}": v for k, v in self.last_stats.items()}
         for logger in trainer.loggers:

@@ -37,7 +37,11 @@ def test_r3l_fit_with_the_vllm_engine_runs_two_epochs(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "`max_epochs=2` reached" in output and "[eval after training] success_rate=" in output
-    assert "Reloading and processing weights" in output  # vLLM's in-place reload: weight syncs happened
-    steps = [row for row in csv.DictReader(open(next(tmp_path.glob("runs/smoke/csv/version_*/metrics.csv"))))
-             if row.get("train/loss")]
+    rows = list(csv.DictReader(open(next(tmp_path.glob("runs/smoke/csv/version_*/metrics.csv")))))
+    steps = [row for row in rows if row.get("train/loss")]
     assert len(steps) >= 2  # optimizer steps in both epochs
+    # completed in-place weight reloads: creation (eval before training) and epoch 0's start; then one after
+    # every optimizer step (sync_every 1), one before the evaluation after epoch 0, one at epoch 1's start
+    explored = [row for row in rows if row.get("explore/engine_weight_syncs")]
+    syncs = [float(row["explore/engine_weight_syncs"]) for row in explored]
+    assert syncs == [2.0, 2.0 + float(explored[0]["explore/optimizer_steps"]) + 2.0]
