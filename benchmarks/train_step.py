@@ -109,6 +109,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=4096, help="data.max_tokens_per_micro_batch")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--rows", default="fp32,bf16-mixed,bf16")
+    parser.add_argument("--peak-dtypes", default="float32,bfloat16",
+                        help="dtypes of the matmul-rate probe (float32 alone on CPUs without native bf16: their "
+                             "bf16 matmuls are emulated and take minutes)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
     if args.row:
@@ -125,8 +128,7 @@ def main() -> None:
         results.append(json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW "))))
     shapes = [tuple(s) for s in results[0]["linear_shapes"]]
     rows = min(args.micro_batch_tokens, args.sequences * args.max_len)
-    peaks = {str(d).removeprefix("torch."): matmul_rate(shapes, rows, d, torch.device("cpu"))
-             for d in (torch.float32, torch.bfloat16)}
+    peaks = {d: matmul_rate(shapes, rows, getattr(torch, d), torch.device("cpu")) for d in args.peak_dtypes.split(",")}
     peak = max(peaks.values())
     print(f"{args.model}: {args.sequences} sequences of {args.min_len}-{args.max_len} tokens, "
           f"{torch.get_num_threads()} threads; matmul rate at the model's shapes ({rows} rows): "
