@@ -20,17 +20,15 @@ Last line: ``train_mfu=<best row's MFU>``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from contextlib import nullcontext
 
 import torch
 from machine import linear_shapes, matmul_rate
+from rows import print_row, run_row as row_in_fresh_process
 
 from r3l_lightning.data import collate, plan_steps
 from r3l_lightning.engines.hf import HFEngine
@@ -115,17 +113,16 @@ def main() -> None:
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
     if args.row:
-        print("ROW " + json.dumps(run_row(args)), flush=True)
+        print_row(run_row(args))
         return
     results = []
     for row in args.rows.split(","):
         if row not in ROWS:
             parser.error(f"--rows: unknown row {row!r}; options: {', '.join(ROWS)}")
-        cmd = [sys.executable, __file__, "--row", row, "--model", args.model, "--sequences", str(args.sequences),
+        cmd = ["--row", row, "--model", args.model, "--sequences", str(args.sequences),
                "--min-len", str(args.min_len), "--max-len", str(args.max_len),
                "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW "))))
+        results.append(row_in_fresh_process(__file__, cmd))
     shapes = [tuple(s) for s in results[0]["linear_shapes"]]
     rows = min(args.micro_batch_tokens, args.sequences * args.max_len)
     peaks = {d: matmul_rate(shapes, rows, getattr(torch, d), torch.device("cpu")) for d in args.peak_dtypes.split(",")}

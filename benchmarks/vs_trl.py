@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +30,7 @@ from pathlib import Path
 
 import lightning as L
 import psutil
+from rows import print_row, run_row as row_in_fresh_process
 
 from r3l_lightning.envs.countdown import CountdownEnv, CountdownTasks
 
@@ -233,16 +231,15 @@ def main() -> None:
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
     if args.row:
-        print("ROW " + json.dumps(run_row(args)), flush=True)
+        print_row(run_row(args))
         return
     results = {}
     for row in args.rows.split(","):
         if row not in ROWS:
             parser.error(f"--rows: unknown row {row!r}; options: {', '.join(ROWS)}")
-        cmd = [sys.executable, __file__, "--row", row, "--model", args.model, "--steps", str(args.steps),
+        cmd = ["--row", row, "--model", args.model, "--steps", str(args.steps),
                "--prompts", str(args.prompts), "--group", str(args.group), "--tokens", str(args.tokens)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[row] = json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW ")))
+        results[row] = row_in_fresh_process(__file__, cmd)
     print(f"{args.model}, GRPO: {args.prompts} prompts × {args.group} completions, ≤ {args.tokens} new tokens, "
           f"median of {args.steps} steps after a warm-up")
     print(f"{'row':10s} {'s/step':>7s} {'generate':>9s} {'rest':>7s} {'gen tok/s':>10s} {'train tok/s':>12s} "
