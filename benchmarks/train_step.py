@@ -1,5 +1,7 @@
 """Training-step speed: ``R3LModule.micro_batch_loss`` + backward + AdamW step, the trainer's own step, on a
-fixed set of sequences with a realistic length spread, in fp32, bf16-mixed and bf16 weights.
+fixed set of sequences with a realistic length spread, in fp32, bf16-mixed and bf16 weights; ``fp32-full-logits``
+is the fp32 row with full ``[tokens, vocab]`` logits at every position (the path of sharded policies, and of every
+policy before the trained-positions-only projection), for a side-by-side ratio.
 
     python benchmarks/train_step.py [--model smollm2-135m-instruct] [--sequences 32] [--min-len 64] [--max-len 512]
 
@@ -30,15 +32,18 @@ import torch
 from machine import linear_shapes, matmul_rate
 from rows import print_row, run_row as row_in_fresh_process
 
+import r3l_lightning.module as module_lib
 from r3l_lightning.data import collate, plan_steps
 from r3l_lightning.engines.hf import HFEngine
+from r3l_lightning.models import decoder_layers
 from r3l_lightning.module import R3LModule
 from r3l_lightning.trajectory import TrainingSample
 
-ROWS = {  # row -> (model_dtype, autocast dtype)
-    "fp32": ("float32", None),
-    "bf16-mixed": ("float32", torch.bfloat16),
-    "bf16": ("bfloat16", None),
+ROWS = {  # row -> (model_dtype, autocast dtype, full logits)
+    "fp32": ("float32", None, False),
+    "fp32-full-logits": ("float32", None, True),
+    "bf16-mixed": ("float32", torch.bfloat16, False),
+    "bf16": ("bfloat16", None, False),
 }
 
 
@@ -62,7 +67,9 @@ def model_flops(policy: torch.nn.Module, lengths: list[int]) -> float:
 
 
 def run_row(args: argparse.Namespace) -> dict:
-    model_dtype, autocast = ROWS[args.row]
+    model_dtype, autocast, full_logits = ROWS[args.row]
+    if full_logits:  # the path sharded (FSDP) policies take: [tokens, vocab] logits for every position
+        module_lib.output_projection = lambda model: None
     torch.manual_seed(0)
     module = R3LModule(args.model, engine=HFEngine(), model_dtype=model_dtype, lr=1e-6)
     samples = sequences(args.sequences, args.min_len, args.max_len, module.policy.config.vocab_size)
@@ -73,7 +80,7 @@ def run_row(args: argparse.Namespace) -> dict:
     params = [p for p in module.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     forwards = []
-    module.policy.register_forward_pre_hook(lambda *_: forwards.append(1))
+    decoder_layers(module.policy)[0].register_forward_pre_hook(lambda *_: forwards.append(1))
     context = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast is not None else nullcontext
     times = []
     for _ in range(args.steps + 1):  # the first is the warm-up
@@ -106,7 +113,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--micro-batch-tokens", type=int, default=4096, help="data.max_tokens_per_micro_batch")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    parser.add_argument("--rows", default="fp32,bf16-mixed,bf16")
+    parser.add_argument("--rows", default="fp32,fp32-full-logits,bf16-mixed,bf16")
     parser.add_argument("--peak-dtypes", default="float32,bfloat16",
                         help="dtypes of the matmul-rate probe (float32 alone on CPUs without native bf16: their "
                              "bf16 matmuls are emulated and take minutes)")
@@ -130,11 +137,11 @@ def main() -> None:
     print(f"{args.model}: {args.sequences} sequences of {args.min_len}-{args.max_len} tokens, "
           f"{torch.get_num_threads()} threads; matmul rate at the model's shapes ({rows} rows): "
           + ", ".join(f"{d} {r / 1e12:.3f} TFLOP/s" for d, r in peaks.items()))
-    print(f"{'row':11s} {'s/step':>7s} {'tokens/s':>9s} {'padded':>7s} {'micro':>6s} {'fwd/step':>8s} "
+    print(f"{'row':16s} {'s/step':>7s} {'tokens/s':>9s} {'padded':>7s} {'micro':>6s} {'fwd/step':>8s} "
           f"{'peak RSS':>9s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for r in results:
         r["mfu"] = r["model_flop_per_s"] / peak
-        print(f"{r['row']:11s} {r['s_per_step']:7.2f} {r['tokens_per_s']:9.0f} {r['padded_fraction']:7.1%} "
+        print(f"{r['row']:16s} {r['s_per_step']:7.2f} {r['tokens_per_s']:9.0f} {r['padded_fraction']:7.1%} "
               f"{r['micro_batches']:6d} {r['forwards_per_step']:8d} {r['peak_rss_gb']:8.2f}G "
               f"{r['model_flop_per_s'] / 1e12:8.3f} {r['mfu']:6.1%}")
     print(f"train_mfu={max(r['mfu'] for r in results):.3f}")

@@ -30,6 +30,23 @@ class LossTerms:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _chunk_logprobs(x: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    """log-sum-exp, target logprob and (when asked) entropy of each row of scaled logits ``x``."""
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(1, targets[:, None]).squeeze(1) - lse
+    entropy = lse - (torch.softmax(x, dim=-1) * x).sum(-1) if with_entropy else None
+    return lse, logp, entropy
+
+
+def _chunk_logit_grad(x: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """∂(Σ g·logp)/∂logits for rows of scaled logits ``x``: g·(1[j = y] − p_j) / T (overwrites ``x``)."""
+    g = grad_logp[:, None]
+    d = torch.exp_(x.sub_(lse[:, None])).mul_(-g)
+    d.scatter_add_(1, targets[:, None], g)
+    return d.div_(temperature)
+
+
 class _ChunkedLogProb(torch.autograd.Function):
     """log softmax(rows / T)[target] per row, ``chunk_size`` rows at a time, in (at least) float32.
 
@@ -47,10 +64,9 @@ class _ChunkedLogProb(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = start + chunk_size
             x = rows[start:end].to(dtype) / temperature
-            lse[start:end] = torch.logsumexp(x, dim=-1)
-            logp[start:end] = x.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            lse[start:end], logp[start:end], h = _chunk_logprobs(x, targets[start:end], with_entropy)
             if with_entropy:
-                entropy[start:end] = lse[start:end] - (torch.softmax(x, dim=-1) * x).sum(-1)
+                entropy[start:end] = h
         ctx.save_for_backward(rows, targets, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(entropy)
@@ -63,12 +79,55 @@ class _ChunkedLogProb(torch.autograd.Function):
         grad_rows = torch.empty_like(rows)
         for start in range(0, rows.shape[0], chunk_size):
             end = start + chunk_size
-            g = grad_logp[start:end, None]
             x = rows[start:end].to(lse.dtype) / temperature
-            d = torch.exp(x - lse[start:end, None]).mul_(-g)  # ∂logp/∂x_j = 1[j = y] − p_j
-            d.scatter_add_(1, targets[start:end, None], g)
-            grad_rows[start:end] = d.div_(temperature)
+            grad_rows[start:end] = _chunk_logit_grad(x, lse[start:end], targets[start:end], grad_logp[start:end],
+                                                     temperature)
         return grad_rows, None, None, None, None
+
+
+class _ChunkedHeadLogProb(torch.autograd.Function):
+    """log softmax(hidden · Wᵀ / T)[target] per row, the vocabulary projection done ``chunk_size`` rows at a time.
+
+    The logits of a chunk exist only while that chunk is processed, in the forward pass and again in the
+    backward pass (which recomputes them: 2·H·V more FLOPs per row than keeping them, no [rows, vocab] tensor
+    kept). Logits are computed in ``compute_dtype`` and soft-maxed in (at least) float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, compute_dtype):
+        dtype = torch.promote_types(compute_dtype, torch.float32)
+        n = hidden.shape[0]
+        w = weight.to(compute_dtype)
+        logp = hidden.new_empty(n, dtype=dtype)
+        lse = hidden.new_empty(n, dtype=dtype)
+        entropy = hidden.new_empty(n if with_entropy else 0, dtype=dtype)
+        for start in range(0, n, chunk_size):
+            end = start + chunk_size
+            x = (hidden[start:end].to(compute_dtype) @ w.T).to(dtype) / temperature
+            lse[start:end], logp[start:end], h = _chunk_logprobs(x, targets[start:end], with_entropy)
+            if with_entropy:
+                entropy[start:end] = h
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk_size, ctx.compute_dtype = temperature, chunk_size, compute_dtype
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        temperature, chunk_size, compute_dtype = ctx.temperature, ctx.chunk_size, ctx.compute_dtype
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            h = hidden[start:end].to(compute_dtype)
+            x = (h @ w.T).to(lse.dtype) / temperature
+            d = _chunk_logit_grad(x, lse[start:end], targets[start:end], grad_logp[start:end], temperature)
+            d = d.to(compute_dtype)
+            grad_hidden[start:end] = d @ w
+            grad_weight += (d.T @ h).to(grad_weight.dtype)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 def token_logprobs(
@@ -102,6 +161,45 @@ def token_logprobs(
         return torch.cat([values.new_zeros(batch, 1), values.view(batch, length)[:, :-1]], dim=1)
 
     return shifted(logp), shifted(entropy) if with_entropy else None
+
+
+def head_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logprobs` from the last hidden states ``hidden`` [B, L, H] and the output projection
+    ``weight`` [V, H], computed only where ``targets`` [B, L] (bool) is set; 0 elsewhere.
+
+    ``out[:, t] = log softmax(hidden[:, t-1] · Wᵀ / T)[input_ids[:, t]]`` for ``targets[:, t]``. The selected
+    rows are projected onto the vocabulary ``chunk_size`` at a time (:class:`_ChunkedHeadLogProb`), so neither
+    a [B, L, V] logits tensor nor the projection of untrained positions (prompts, observations, padding) is
+    ever computed.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if hidden.dim() != 3 or input_ids.shape != hidden.shape[:2] or targets.shape != input_ids.shape:
+        raise ValueError(
+            f"head_token_logprobs needs hidden [B, L, H], input_ids and targets [B, L] of the same B, L; got "
+            f"{list(hidden.shape)}, {list(input_ids.shape)} and {list(targets.shape)}"
+        )
+    selected = targets.clone()
+    selected[:, 0] = False  # token 0 has no prediction
+    rows, cols = selected.nonzero(as_tuple=True)
+    compute_dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
+                     else hidden.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, entropy = _ChunkedHeadLogProb.apply(hidden[rows, cols - 1], weight, input_ids[rows, cols], temperature,
+                                                  chunk_size, with_entropy, compute_dtype)
+
+    def placed(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(input_ids.shape).index_put((rows, cols), values)
+
+    return placed(logp), placed(entropy) if with_entropy else None
 
 
 def _check(aggregation: str) -> None:

@@ -177,6 +177,23 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return bool(_fsdp1_units(model)) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def output_projection(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor] | None:
+    """``(decoder, lm_head weight)`` when the model's logits are exactly ``decoder(...).last_hidden_state · Wᵀ``, so
+    that token logprobs can skip the full logits (:func:`~r3l_lightning.losses.head_token_logprobs`); else ``None``.
+
+    ``None`` for sharded models (their root parameters are gathered by the root module's own forward), an output
+    layer that is not a bias-free ``nn.Linear`` (e.g. a LoRA-wrapped ``lm_head``), and models that scale or cap
+    their logits (``logit_scale``, ``final_logit_softcapping``).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if (type(head) is not torch.nn.Linear or head.bias is not None or not hasattr(model, "get_decoder")
+            or is_sharded(model) or getattr(config, "final_logit_softcapping", None) is not None
+            or getattr(config, "logit_scale", None) not in (None, 1, 1.0)):
+        return None
+    return model.get_decoder(), head.weight
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside an FSDP1 root wrapper (FSDP2 and plain models are their own)."""
     from torch.distributed.fsdp import FullyShardedDataParallel

@@ -12,9 +12,16 @@ import torch
 from r3l_lightning.engines.base import RolloutEngine
 from r3l_lightning.engines import default_engine
 from r3l_lightning.lora import LoRAConfig, adapters_disabled, add_lora, is_adapter_name
-from r3l_lightning.losses import loss_denominator, policy_loss, sft_loss, token_logprobs
+from r3l_lightning.losses import head_token_logprobs, loss_denominator, policy_loss, sft_loss, token_logprobs
 from r3l_lightning.mismatch import SAMPLE_KINDS, MismatchTotals, RolloutCorrection, correction_weights
-from r3l_lightning.models import decoder_layers, eos_token_ids, is_sharded, load_policy, load_tokenizer
+from r3l_lightning.models import (
+    decoder_layers,
+    eos_token_ids,
+    is_sharded,
+    load_policy,
+    load_tokenizer,
+    output_projection,
+)
 from r3l_lightning.trajectory import ChatTokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -60,7 +67,8 @@ class R3LModule(L.LightningModule):
         model_dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPUs, or fp32 weights with
             the Trainer's ``precision: bf16-mixed``).
         gradient_checkpointing: trade compute for activation memory.
-        logprob_chunk_size: rows per chunk when computing token logprobs from logits.
+        logprob_chunk_size: token rows per chunk of the vocabulary projection and log-softmax (see
+            :func:`~r3l_lightning.losses.head_token_logprobs`).
         rollout_correction: ``{mode: none | tis | mis, cap}``: truncated (tis) or masked (mis)
             importance weights π_train/π_rollout on the base samples' tokens (``none``: the paper, no
             correction); see :mod:`r3l_lightning.mismatch`. The rollout-vs-trainer mismatch itself is
@@ -216,11 +224,7 @@ class R3LModule(L.LightningModule):
         """Loss contribution of one micro-batch to the step loss, and its metrics; adds the micro-batch's
         rollout-vs-trainer mismatch to ``mismatch`` when given."""
         hp = self.hparams
-        logits = self.policy(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-        logprobs, entropy = token_logprobs(
-            logits, mb["input_ids"], chunk_size=hp.logprob_chunk_size, with_entropy=True
-        )
-        del logits
+        logprobs, entropy = self._token_logprobs(self.policy, mb, with_entropy=True)
         rl_mask, sft_mask = _split_masks(mb)
         if mismatch is not None:
             mismatch.add(logprobs, mb["old_logprobs"], mb["loss_mask"], mb["kind"], mb["has_old_logprobs"])
@@ -301,22 +305,36 @@ class R3LModule(L.LightningModule):
         for step in datamodule.planned_steps()[1:]:
             for mb in step:
                 inputs = self.trainer.strategy.batch_to_device(
-                    {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}, self.device)
+                    {k: mb[k] for k in ("input_ids", "attention_mask", "loss_mask")}, self.device)
                 with self.trainer.precision_plugin.train_step_context():  # as the training forward
-                    logits = self.policy(**inputs).logits
-                logprobs = token_logprobs(logits, inputs["input_ids"], chunk_size=self.hparams.logprob_chunk_size)[0]
+                    logprobs = self._token_logprobs(self.policy, inputs)[0]
                 mb["policy_old_logprobs"] = logprobs.float().to(mb["old_logprobs"].device)
 
     @torch.no_grad()
     def _reference_logprobs(self, mb: dict) -> torch.Tensor:
         """Token logprobs of the frozen reference: the reference model, or the LoRA policy with adapters off."""
-        inputs = {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}
         if self.reference is not None:
-            logits = self.reference(**inputs).logits
-        else:
-            with adapters_disabled(self.policy):
-                logits = self.policy(**inputs).logits
-        return token_logprobs(logits, mb["input_ids"], chunk_size=self.hparams.logprob_chunk_size)[0]
+            return self._token_logprobs(self.reference, mb)[0]
+        with adapters_disabled(self.policy):
+            return self._token_logprobs(self.policy, mb)[0]
+
+    def _token_logprobs(self, model: torch.nn.Module, mb: dict,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``model``'s logprobs (and entropies) of ``mb``'s tokens, exact where ``mb["loss_mask"]`` trains a token.
+
+        When the logits are a plain projection of the last hidden states (:func:`~r3l_lightning.models.output_projection`:
+        unsharded HF causal LMs), only the trained positions are projected onto the vocabulary, chunk by chunk, and
+        the other positions are 0; otherwise (FSDP) the full logits are computed and every position is exact.
+        """
+        chunk = self.hparams.logprob_chunk_size
+        projection = output_projection(model)
+        if projection is None:
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            return token_logprobs(logits, mb["input_ids"], chunk_size=chunk, with_entropy=with_entropy)
+        decoder, weight = projection
+        hidden = decoder(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).last_hidden_state
+        return head_token_logprobs(hidden, weight, mb["input_ids"], mb["loss_mask"] != 0, chunk_size=chunk,
+                                   with_entropy=with_entropy)
 
     def training_step(self, dataloader_iter: Iterator) -> torch.Tensor:
         """One optimizer step over the next item (a list of micro-batches) of the experience loader.

@@ -23,12 +23,14 @@ def run(script: str, *args: str) -> list[str]:
 
 def test_train_step_prints_rows_and_mfu():
     lines = run("train_step.py", *TINY, "--sequences", "4", "--min-len", "16", "--max-len", "64",
-                "--micro-batch-tokens", "128", "--rows", "fp32")
-    (row,) = [line.split() for line in lines if line.startswith("fp32 ")]
-    micro_batches, forwards = int(row[4]), int(row[5])
-    # lengths 16, 32, 48, 64 shortest first within 128 padded tokens: [16, 32] (2 × 32) and [48, 64] (2 × 64)
-    assert micro_batches == 2
-    assert forwards == micro_batches  # R³L: one policy forward per micro-batch, no reference, no old logprobs
+                "--micro-batch-tokens", "128", "--rows", "fp32,fp32-full-logits")
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[0] in ("fp32", "fp32-full-logits")}
+    assert set(rows) == {"fp32", "fp32-full-logits"}
+    for row in rows.values():
+        micro_batches, forwards = int(row[4]), int(row[5])
+        # lengths 16, 32, 48, 64 shortest first within 128 padded tokens: [16, 32] (2 × 32) and [48, 64] (2 × 64)
+        assert micro_batches == 2
+        assert forwards == micro_batches  # R³L: one policy forward per micro-batch, no reference, no old logprobs
     assert re.fullmatch(r"train_mfu=\d+\.\d{3}", lines[-1])
 
 

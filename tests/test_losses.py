@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from r3l_lightning.losses import AGGREGATIONS, kl_estimate, loss_denominator, policy_loss, sft_loss, token_logprobs
+from r3l_lightning.losses import (
+    AGGREGATIONS,
+    head_token_logprobs,
+    kl_estimate,
+    loss_denominator,
+    policy_loss,
+    sft_loss,
+    token_logprobs,
+)
 
 TIGHT = {"rtol": 1e-6, "atol": 1e-6}
 
@@ -91,6 +99,57 @@ def test_logprobs_without_grad_and_of_length_one():
     assert ent is None and not logp.requires_grad
     with pytest.raises(ValueError, match="chunk_size"):
         token_logprobs(logits, torch.zeros(2, 1, dtype=torch.long), chunk_size=0)
+
+
+def test_head_logprobs_by_hand_only_at_targets():
+    # hidden · Wᵀ with W = [[1, 0], [0, 1]] (vocab 2, hidden 2): hidden [0, ln 3] → logits [0, ln 3], p = [.25, .75]
+    weight = torch.eye(2)
+    hidden = torch.tensor([[[0.0, math.log(3.0)]] * 4])
+    ids = torch.tensor([[1, 1, 0, 1]])
+    targets = torch.tensor([[True, False, True, True]])  # position 0 predicts nothing: 0 even when set
+    logp, ent = head_token_logprobs(hidden, weight, ids, targets, with_entropy=True)
+    # ln .25 = -1.38629436111989 at t = 2, ln .75 = -.28768207245178 at t = 3; untargeted t = 1 and t = 0 stay 0
+    assert_close(logp, torch.tensor([[0.0, 0.0, -1.3862943611, -0.2876820725]]), **TIGHT)
+    assert_close(ent, torch.tensor([[0.0, 0.0, 0.5623351446, 0.5623351446]]), **TIGHT)  # as in the test above
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_logprobs_equal_full_logits_at_targets(chunk_size, temperature):
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 6, 4, requires_grad=True)
+    weight = torch.randn(13, 4, requires_grad=True)
+    ids = torch.randint(0, 13, (2, 6))
+    targets = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    logp, ent = head_token_logprobs(hidden, weight, ids, targets, temperature, chunk_size, with_entropy=True)
+    full, full_ent = token_logprobs(hidden @ weight.T, ids, temperature=temperature, with_entropy=True)
+    assert_close(logp, torch.where(targets, full, 0.0))
+    assert_close(ent, torch.where(targets, full_ent, 0.0))
+    upstream = torch.randn(2, 6)
+    grads = torch.autograd.grad((logp * upstream).sum(), (hidden, weight))
+    full_grads = torch.autograd.grad((torch.where(targets, full, 0.0) * upstream).sum(), (hidden, weight))
+    for grad, full_grad in zip(grads, full_grads):
+        assert_close(grad, full_grad)
+    assert torch.equal(grads[0][:, -1], torch.zeros(2, 4))  # the last position predicts nothing
+
+
+def test_head_logprob_gradient_passes_gradcheck_in_float64():
+    torch.manual_seed(4)
+    hidden = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 5, (2, 4))
+    targets = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(
+        lambda h, w: head_token_logprobs(h, w, ids, targets, temperature=0.8, chunk_size=2)[0], (hidden, weight))
+
+
+def test_head_logprobs_check_shapes():
+    with pytest.raises(ValueError, match="hidden"):
+        head_token_logprobs(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 4, dtype=torch.long),
+                            torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="chunk_size"):
+        head_token_logprobs(torch.zeros(1, 2, 4), torch.zeros(5, 4), torch.zeros(1, 2, dtype=torch.long),
+                            torch.ones(1, 2, dtype=torch.bool), chunk_size=0)
 
 
 # ----- policy loss: REINFORCE (R³L) ------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_masked_tokens_get_zero_gradient(module):
         output.retain_grad()
         captured["logits"] = output
 
-    handle = module.policy.lm_head.register_forward_hook(keep_logits)
+    handle = module.policy.model.norm.register_forward_hook(keep_logits)  # the last hidden states
     try:
         batch = collate([samples()[0]])
         loss, _ = module.micro_batch_loss(batch, torch.tensor(1.0), torch.tensor(1.0))
@@ -102,6 +102,34 @@ def test_masked_tokens_get_zero_gradient(module):
         norm = grad[t - 1].abs().sum().item()
         assert (norm > 0) == bool(mask[t]), f"token {t}: mask {mask[t]}, grad norm {norm}"
     assert grad[-1].abs().sum() == 0  # the last position predicts nothing
+
+
+def test_trained_positions_only_path_equals_full_logits(module, monkeypatch):
+    """The loss projects only trained positions onto the vocabulary (never calling ``lm_head`` on the whole
+    sequence), and gives the loss and gradients of the full-logits path."""
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        module.policy.zero_grad()
+        loss = step_loss(module, [samples()])
+        loss.backward()
+        grads = [p.grad.clone() for p in module.policy.parameters()]
+        module.policy.zero_grad()
+        return loss.detach(), grads
+
+    head_calls = []
+    handle = module.policy.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        loss, grads = step()
+        assert head_calls == []
+        monkeypatch.setattr("r3l_lightning.module.output_projection", lambda model: None)
+        full_loss, full_grads = step()
+        assert head_calls == [1]  # one micro-batch: the full logits once
+    finally:
+        handle.remove()
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    # the same sums in another order (hidden · Wᵀ per row instead of per batch): measured max difference 8.5e-6
+    # on 3 of 6.3M gradient elements; a wrong row or mask would differ at the gradients' own scale
+    for grad, full_grad in zip(grads, full_grads):
+        torch.testing.assert_close(grad, full_grad, rtol=1e-3, atol=5e-5)
 
 
 def test_padding_rows_contribute_nothing(module):

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 
 from r3l_lightning.cli import cli_main
+from r3l_lightning.models import decoder_layers
 
 from test_cli import ROOT, SMOKE
 
@@ -66,7 +67,8 @@ class PolicyForwards(L.Callback):
         self.micro_batches.append(sum(len(s) for s in steps))
         self.first_step.append(len(steps[0]))
         self.forwards.append(0)
-        self._hook = pl_module.policy.register_forward_pre_hook(lambda *_: self._count())
+        first_layer = decoder_layers(pl_module.policy)[0]  # every forward, whether or not it computes full logits
+        self._hook = first_layer.register_forward_pre_hook(lambda *_: self._count())
 
     def _count(self) -> None:
         self.forwards[-1] += 1
