@@ -90,11 +90,13 @@ def plot(results: dict, initial: dict, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, runs in results.items():
-        # mean over seeds of the i-th evaluation (seeds evaluate at the same epochs, tokens differ slightly)
+        # mean over seeds of the i-th evaluation (seeds evaluate at the same epochs, tokens differ slightly); a
+        # seed that ran an epoch more has one evaluation more: every line ends at its runs' final evaluations
         n_points = min(len(r["evals"]) for r in runs)
-        xs = [0.0] + [sum(r["evals"][i][0] for r in runs) / len(runs) for i in range(n_points)]
+        points = [r["evals"][: n_points - 1] + [r["evals"][-1]] for r in runs]
+        xs = [0.0] + [sum(p[i][0] for p in points) / len(runs) for i in range(n_points)]
         ys = [sum(initial[s] for s in initial) / len(initial)]
-        ys += [sum(r["evals"][i][1] for r in runs) / len(runs) for i in range(n_points)]
+        ys += [sum(p[i][1] for p in points) / len(runs) for i in range(n_points)]
         ax.plot(xs, ys, marker="o", label=method)
     ax.set_xlabel("generated rollout tokens (base + reflection + retry)")
     ax.set_ylabel("eval success rate")
