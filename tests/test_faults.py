@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import time
 
 import torch
 
 from r3l_lightning.cli import cli_main
 from r3l_lightning.engines.base import SamplingParams
-from r3l_lightning.envs.base import StepResult
+from r3l_lightning.envs.base import StepResult, Task
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
 from r3l_lightning.models import TINY_RANDOM, load_policy
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
 from test_cli import SMOKE
+from test_explorer import REFLECTION
 
 
 class HangingEnv(GuessEnv):
@@ -79,6 +82,36 @@ def test_a_prompt_beyond_the_engine_context_ends_the_episode_with_feedback(tiny_
     assert "exceeded the model context" in state.trajectory.feedback
     assert counters.counts["context_overflows"] == 1
     assert 0 < state.turns < 5
+
+
+def test_a_reflection_prompt_beyond_the_engine_context_is_counted_and_skipped(tiny_chat):
+    """A base trajectory too long to reflect on within the context gets no reflection (and so no retry); the
+    others are reflected on as usual."""
+    from r3l_lightning.explore import R3LExplorer
+
+    class ShortContext(ScriptedEngine):
+        def max_context(self):
+            return 400
+
+    def script(prompt: str) -> str:
+        if "Write the JSON diagnosis" in prompt:
+            return json.dumps(REFLECTION)  # a valid report: failure, retry from turn 1
+        return "pear " * 20 if "of long" in prompt else "pear"  # a base or retry turn: a long or a short wrong guess
+
+    class NamedGuessEnv(GuessEnv):  # the first observation names the task
+        def make_episode(self, task):
+            episode = super().make_episode(task)
+            episode.reset = lambda: f"Guess the secret word of {task.task_id}."
+            return episode
+
+    engine = ShortContext(script, tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    ctx = RolloutContext(NamedGuessEnv(max_turns=3), engine, tiny_chat)
+    explorer = R3LExplorer(group_size=2, max_new_tokens=64, reflection_max_new_tokens=64, reflection_decoding="free")
+    tasks = [Task("long", {"rewards": {"apple": 1.0}}), Task("short", {"rewards": {"apple": 1.0}})]
+    result = explorer.explore(tasks, ctx)
+    # short task: 3 turns of "pear" fit 400 tokens with the 64-token reflection budget; long task: 3 × 20 words do not
+    assert result.stats["reflection_context_overflows"] == 1
+    assert result.stats["reflections"] == 1 and result.stats["retries"] == 1
 
 
 def test_non_finite_loss_skips_the_step_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -194,9 +194,19 @@ class R3LExplorer(GroupExplorer):
     def _reflect(self, pairs: list[_Pair], ctx: RolloutContext, counters: RolloutCounters) -> None:
         if self.reflect_on == "failures":
             pairs = [p for p in pairs if not is_success(p.base.reward)]
+        limit = ctx.engine.max_context()
+        fitting, prompts = [], []
+        for pair in pairs:
+            prompt = ctx.chat.prompt_ids(pair.reflection_messages)
+            if limit is not None and len(prompt) + self.reflection_sampling.max_new_tokens > limit:
+                counters.add("reflection_context_overflows")  # no reflection, so no retry: as an invalid one
+                pair.invalid_reason = "context_overflow"
+                continue
+            fitting.append(pair)
+            prompts.append(prompt)
+        pairs = fitting
         if not pairs:
             return
-        prompts = [ctx.chat.prompt_ids(p.reflection_messages) for p in pairs]
         params = self._params(self.reflection_sampling, 1)
         constraints = None
         if self.reflection_decoding == "schema":
