@@ -43,6 +43,7 @@ from r3l_lightning.engines import default_engine
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
 from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.envs.base import Task
+from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters
 from r3l_lightning.explore.r3l import R3LExplorer
 from r3l_lightning.models import eos_token_ids, load_policy, load_tokenizer
@@ -109,17 +110,20 @@ class Variant:
 
 @dataclass
 class Measurement:
+    """The shared bases and reflections, the pivots of the retried pairs, and the two variants."""
+
     bases: int
     base_successes: int
     valid_reflections: int
     triggered: int
-    replay_mismatches: int
+    dropped: int  # triggered, but the pivot variant could not restore the episode (replay mismatch, env error)
     pivots: list[int]  # of the retried pairs
     base_turns: list[int]  # of the retried pairs
     base_tokens: TokenCount
     reflection_tokens: TokenCount
     pivot: Variant
     scratch: Variant
+    events: dict[str, int]  # the explorer's counted events (context overflows, invalid reflections, ...)
 
 
 def _retry_variant(name: str, explorer: R3LExplorer, pairs: list, ctx: RolloutContext,
@@ -161,11 +165,12 @@ def measure(explorer: R3LExplorer, tasks: list[Task], ctx: RolloutContext) -> Me
     from_scratch = [copy.deepcopy(triggered[i]) for i in retried]
     scratch = _retry_variant("scratch", scratch_explorer, from_scratch, ctx, engine, counters)
     return Measurement(
-        bases=len(pairs), base_successes=sum(p.base.reward >= 1.0 for p in pairs),
+        bases=len(pairs), base_successes=sum(is_success(p.base.reward) for p in pairs),
         valid_reflections=sum(p.reflection is not None for p in pairs), triggered=len(triggered),
-        replay_mismatches=len(triggered) - len(retried), pivots=[from_pivot[i].pivot for i in retried],
+        dropped=len(triggered) - len(retried), pivots=[from_pivot[i].pivot for i in retried],
         base_turns=[from_pivot[i].base.num_turns for i in retried], base_tokens=base_tokens,
         reflection_tokens=reflection_tokens, pivot=pivot, scratch=scratch,
+        events={k: v for k, v in sorted(counters.counts.items()) if not k.startswith("tokens_")},
     )
 
 
@@ -181,7 +186,8 @@ def report(m: Measurement) -> list[str]:
         f"{m.base_tokens.prefill}, decode {m.base_tokens.decode} tokens",
         f"reflections: {m.valid_reflections}/{m.bases} valid, {m.triggered} trigger a retry; prefill "
         f"{m.reflection_tokens.prefill}, decode {m.reflection_tokens.decode} tokens",
-        f"retried pairs: {retried} ({m.replay_mismatches} dropped: pivot replay mismatch)",
+        f"retried pairs: {retried} ({m.dropped} dropped: the pivot variant could not restore their episode)",
+        "counted (both variants): " + (", ".join(f"{k} {v}" for k, v in m.events.items()) or "nothing"),
     ]
     if retried:
         k_over_turns = sum(k / t for k, t in zip(m.pivots, m.base_turns)) / retried

@@ -78,7 +78,7 @@ def test_retry_tokens_counts_pivot_and_scratch_retries_of_the_same_pairs(tiny_ch
     m = retry_tokens.measure(R3LExplorer(group_size=4), [GuessTasks(1)[0]], RolloutContext(env, engine, tiny_chat))
 
     # 2 bases: pear × 3 turns (3 calls, decode 2 × 3 × 3 = 18), reward 0; both reflections ask for turn 2
-    assert (m.bases, m.base_successes, m.triggered, m.replay_mismatches) == (2, 0, 2, 0)
+    assert (m.bases, m.base_successes, m.triggered, m.dropped) == (2, 0, 2, 0)
     assert (m.base_tokens.calls, m.base_tokens.decode) == (3, 18)
     assert m.pivots == [2, 2] and m.base_turns == [3, 3]
     # from the pivot: one turn (apple), decode 2 × 2 = 4; from scratch: plum, plum, apple, decode 2 × (3 + 3 + 2) = 16
