@@ -194,6 +194,9 @@ def report(m: Measurement) -> list[str]:
         histogram = ", ".join(f"{k}: {n}" for k, n in sorted(Counter(m.pivots).items()))
         lines.append(f"pivot k: mean {sum(m.pivots) / retried:.2f} of mean {sum(m.base_turns) / retried:.2f} base "
                      f"turns (mean k/K {k_over_turns:.2f}); pivots {{{histogram}}}")
+        if not any(m.pivots):
+            lines.append("every pivot is 0: both variants retry from turn 0 and differ only by sampling (a one-turn base "
+                         "leaves the reflection no other turn; --keep_invalid_actions gives longer bases)")
     lines.append(f"{'variant':8s} {'retries':>7s} {'calls':>6s} {'prefill':>9s} {'decode':>8s} {'trained':>8s} "
                  f"{'prefill/r':>10s} {'decode/r':>9s} {'trained/r':>10s} {'seconds':>8s}")
     for v in (m.pivot, m.scratch):
@@ -236,6 +239,10 @@ def main() -> None:
     parser.add_argument("--group_size", "--group-size", type=int, default=None,
                         help="N (N/2 bases per task); default: the config's")
     parser.add_argument("--max_turns", "--max-turns", type=int, default=None, help="default: the config's")
+    parser.add_argument("--keep_invalid_actions", "--keep-invalid-actions", action="store_true",
+                        help="an inadmissible action no longer ends the episode (end_on_invalid_action: false), so a "
+                             "model that rarely writes one still gets bases of --max_turns turns to pick a pivot in "
+                             "(not the paper's rule)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="default: the config's (the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"],
@@ -249,7 +256,10 @@ def main() -> None:
 
     config = yaml.safe_load((ROOT / "configs" / args.env / "r3l.yaml").read_text())
     data = config["data"]
-    env = instantiate(data["environment"], **({} if args.max_turns is None else {"max_turns": args.max_turns}))
+    env_overrides = {} if args.max_turns is None else {"max_turns": args.max_turns}
+    if args.keep_invalid_actions:
+        env_overrides["end_on_invalid_action"] = False
+    env = instantiate(data["environment"], **env_overrides)
     source = instantiate(data["train_tasks"])
     explorer = instantiate(data["explorer"], seed=args.seed,
                            **({} if args.group_size is None else {"group_size": args.group_size}))
@@ -266,7 +276,8 @@ def main() -> None:
     chat = ChatTokenizer(tokenizer, eos_token_ids(policy, tokenizer))
     engine = CountingEngine(make_engine(args.engine))
     engine.bind(policy, tokenizer, chat.eos_token_ids)
-    print(f"{args.env}: {len(tasks)} tasks × {explorer.group_size // 2} bases, max {env.max_turns} turns; {model}, "
+    print(f"{args.env}: {len(tasks)} tasks × {explorer.group_size // 2} bases, max {env.max_turns} turns, invalid actions "
+          f"{'end' if env.end_on_invalid_action else 'do not end'} the episode; {model}, "
           f"{type(engine.inner).__name__}, reflection decoding {explorer.reflection_decoding}, seed {args.seed}")
 
     start = time.perf_counter()
