@@ -2,6 +2,7 @@
 
     python benchmarks/retry_tokens.py [--env alfworld|scienceworld] [--tasks 8] [--group_size 8] [--seed 0]
                                       [--model smollm2-135m-instruct] [--engine auto|hf|vllm] [--max_turns 25]
+                                      [--keep_invalid_actions]
 
 Builds the environment, tasks and ``R3LExplorer`` from ``configs/<env>/r3l.yaml`` (ALFWorld: generated games,
 not the official split) and runs the explorer's own steps: ``rollout`` of ``group_size // 2`` base trajectories
