@@ -3,12 +3,19 @@ its last line (the figures themselves come from the full runs, see benchmarks/RE
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import subprocess
 import sys
 
 import pytest
 
+from r3l_lightning.explore import R3LExplorer
+from r3l_lightning.explore.episodes import RolloutContext
+from r3l_lightning.explore.reflection import guidance_text, parse_reflection
+from r3l_lightning.trajectory import Message
+from scripted import GuessEnv, GuessTasks, ScriptedEngine
 from test_cli import ROOT
 
 TINY = ["--model", "tiny-random-smollm2", "--steps", "1"]
@@ -43,3 +50,64 @@ def test_vs_trl_prints_rows_and_speed_ratio():
         seconds, generate, rest = map(float, row[1:4])
         assert seconds > 0 and generate > 0 and abs(generate + rest - seconds) < 0.02
     assert re.fullmatch(r"ours_over_trl_step_speed=\d+\.\d\d \(ours-hf vs trl-hf\)", lines[-1])
+
+
+def _retry_tokens_module():
+    spec = importlib.util.spec_from_file_location("retry_tokens", ROOT / "benchmarks" / "retry_tokens.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_retry_tokens_counts_pivot_and_scratch_retries_of_the_same_pairs(tiny_chat):
+    retry_tokens = _retry_tokens_module()
+    report = {"trajectory_summary": "guessed pear three times", "root_cause_analysis": "kept the same guess",
+              "trajectory_outcome": "failure", "improvement_suggestion": "change the guess", "retry_from_step": 2}
+
+    def respond(prompt: str) -> str:  # bases guess pear; a guided retry guesses apple once two guesses failed
+        if "Write the JSON diagnosis" in prompt:
+            return json.dumps(report)
+        if "previous attempt at this task had issues" in prompt:
+            return "apple" if prompt.count("is wrong.") >= 2 else "plum"
+        return "pear"
+
+    tokenizer, eos = tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id
+    ids = {word: tokenizer(word, add_special_tokens=False)["input_ids"] + [eos] for word in ("pear", "plum", "apple")}
+    assert {w: len(i) for w, i in ids.items()} == {"pear": 3, "plum": 3, "apple": 2}  # the arithmetic's premise
+    engine = retry_tokens.CountingEngine(ScriptedEngine(respond, tokenizer, eos))
+    env = GuessEnv(max_turns=3)
+    m = retry_tokens.measure(R3LExplorer(group_size=4), [GuessTasks(1)[0]], RolloutContext(env, engine, tiny_chat))
+
+    # 2 bases: pear × 3 turns (3 calls, decode 2 × 3 × 3 = 18), reward 0; both reflections ask for turn 2
+    assert (m.bases, m.base_successes, m.triggered, m.dropped) == (2, 0, 2, 0)
+    assert (m.base_tokens.calls, m.base_tokens.decode) == (3, 18)
+    assert m.pivots == [2, 2] and m.base_turns == [3, 3]
+    # from the pivot: one turn (apple), decode 2 × 2 = 4; from scratch: plum, plum, apple, decode 2 × (3 + 3 + 2) = 16
+    assert (m.pivot.retries, m.pivot.tokens.calls, m.pivot.tokens.decode) == (2, 1, 4)
+    assert (m.scratch.retries, m.scratch.tokens.calls, m.scratch.tokens.decode) == (2, 3, 16)
+    # trained: the pivot mask leaves turn 2 of the distill sample (apple + eos: 2 × 2 = 4); from scratch every
+    # turn (2 × 8 = 16)
+    assert (m.pivot.trained, m.scratch.trained) == (4, 16)
+
+    # prefill: every prompt each retry sent, rebuilt by hand (guidance before the pivot turn's observation; from
+    # scratch in the system prompt)
+    reflection, _ = parse_reflection(json.dumps(report), 3)
+    guidance = guidance_text(reflection)
+    system, first = env.system_prompt(), "Guess the secret word."
+
+    def turn(word: str) -> list[Message]:
+        return [Message("assistant", word, token_ids=ids[word]), Message("user", f"'{word}' is wrong.")]
+
+    pivot_prompt = ([Message("system", system), Message("user", first)] + turn("pear")
+                    + [Message("assistant", "pear", token_ids=ids["pear"]), Message("system", guidance, guidance=True),
+                       Message("user", "'pear' is wrong.")])
+    scratch_start = [Message("system", f"{system}\n\n{guidance}", guidance=True), Message("user", first)]
+    scratch_prompts = [scratch_start, scratch_start + turn("plum"), scratch_start + turn("plum") + turn("plum")]
+    assert m.pivot.tokens.prefill == 2 * len(tiny_chat.prompt_ids(pivot_prompt))
+    assert m.scratch.tokens.prefill == 2 * sum(len(tiny_chat.prompt_ids(p)) for p in scratch_prompts)
+
+    lines = retry_tokens.report(m)
+    assert lines[-2].startswith("pivot_retry_trained_fraction=0.250 ")  # 4 / 16
+    assert lines[-3] == f"pivot_retry_prefill_fraction={m.pivot.tokens.prefill / m.scratch.tokens.prefill:.3f}"
+    assert lines[-1] == "pivot_retry_token_fraction=0.250"  # decode 4 / 16
