@@ -3,7 +3,9 @@ its last line (the figures themselves come from the full runs, see benchmarks/RE
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 
@@ -41,3 +43,24 @@ def test_vs_trl_prints_rows_and_speed_ratio():
         seconds, generate, rest = map(float, row[1:4])
         assert seconds > 0 and generate > 0 and abs(generate + rest - seconds) < 0.02
     assert re.fullmatch(r"ours_over_trl_step_speed=\d+\.\d\d \(ours-hf vs trl-hf\)", lines[-1])
+
+
+@pytest.mark.skipif(shutil.which("java") is None or importlib.util.find_spec("scienceworld") is None,
+                    reason="ScienceWorld needs Java and `pip install -e .[scienceworld]`")
+def test_memory_prints_components_and_peak():
+    # the ScienceWorld config (a JVM child process) with the tiny model and the HF engine, one small task
+    lines = run("memory.py", "--configs", "configs/scienceworld/r3l.yaml",
+                "--model.model_name_or_path", "tiny-random-smollm2", "--model.engine", "r3l_lightning.engines.hf.HFEngine",
+                "--data.tasks_per_epoch", "1", "--data.groups_per_step", "1",
+                "--data.explorer.init_args.group_size", "2", "--data.explorer.init_args.max_new_tokens", "8",
+                "--data.explorer.init_args.reflection_max_new_tokens", "16")
+    sampled = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(("trainer ", "environment "))}
+    assert sampled["trainer"] > 0.1 and sampled["environment"] > 0.01  # python + torch alone is > 0.1 GB; one JVM
+    phases = re.findall(r"^  (\w[\w ]*?) +trainer +\d+\.\d\d -> peak +\d+\.\d\d GB", "\n".join(lines), re.M)
+    assert phases == ["loading", "fit start", "exploration", "training"]  # HFEngine: no engine creation phase
+    libraries = re.search(r"^  libraries \(python, torch, transformers\) +\+(\d+\.\d\d) GB", "\n".join(lines), re.M)
+    assert float(libraries.group(1)) > 0.1
+    assert "environment: up to 2 JVMs, -Xmx384m" in "\n".join(lines)  # the config's max_jvms, the default options
+    total = float(re.fullmatch(r"peak_rss_gb=(\d+\.\d\d)", lines[-1]).group(1))
+    assert lines[-2] == f"scienceworld_peak_rss_gb={total:.2f}"
+    assert total >= sampled["trainer"]  # the total is taken over the whole tree, at least at every sample
