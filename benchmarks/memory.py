@@ -17,7 +17,7 @@ Inside the trainer process the parts are told apart by time: the run marks phase
 policy loaded, engine created, rollouts, training) with the process's RSS and its kernel high-water mark
 (``VmHWM``, reset at every mark through ``/proc/self/clear_refs``), so each phase's trainer peak is exact, not
 sampled. Differences between marks are *derived*; sizes computed from tensor shapes (weights, gradients, AdamW
-moments, logits, the engine's configured KV cache) are *counted*; the totals are *sampled* (the sum over the tree at
+moments, full logits, the engine's configured KV cache) are *counted*; the totals are *sampled* (the sum over the tree at
 one instant, so components' own peaks need not add up to it).
 
 Lines per config: the components' sampled peaks, the trainer's phases, the counted sizes; then
@@ -222,7 +222,7 @@ def report(name: str, samples: list[dict], row: dict, wall: float) -> float:
         others = max((total(s, skip="trainer") for s in during), default=0)
         trainer_peak = following["peak_since_previous"]
         peak_total = max(peak_total, trainer_peak + others)
-        print(f"  {mark['phase']:14s} trainer {mark['rss'] / GB:6.2f} -> peak {trainer_peak / GB:6.2f} GB, "
+        print(f"  {mark['phase']:16s} trainer {mark['rss'] / GB:6.2f} -> peak {trainer_peak / GB:6.2f} GB, "
               f"others {others / GB:5.2f} GB, total {(trainer_peak + others) / GB:6.2f} GB, "
               f"{following['time'] - mark['time']:5.0f} s")
     print(f"  sampled total at its largest: {max(total(s) for s in samples) / GB:.2f} GB (samples can miss a "
@@ -246,9 +246,10 @@ def report(name: str, samples: list[dict], row: dict, wall: float) -> float:
     part("held after exploration", explored["rss"] - by_phase.get("rollouts", by_phase["exploration"])["rss"])
     if "training" in by_phase:
         part("training peak above its start", by_phase["end"]["peak_since_previous"] - explored["rss"],
-             f"[gradients {counted['gradient_bytes'] / GB:.2f}, AdamW {counted['adamw_bytes'] / GB:.2f}, logits "
-             f"{counted['logits_bytes'] / GB:.2f} (largest micro-batch {counted['largest_micro_batch_tokens']} tokens "
-             f"× vocab × 4 B; its gradient as much); {counted['micro_batches']} micro-batches, longest sequence "
+             f"[gradients {counted['gradient_bytes'] / GB:.2f}, AdamW {counted['adamw_bytes'] / GB:.2f}, full fp32 "
+             f"logits {counted['logits_bytes'] / GB:.2f} where materialised (largest micro-batch "
+             f"{counted['largest_micro_batch_tokens']} tokens × vocab × 4 B; their gradient as much); "
+             f"{counted['micro_batches']} micro-batches, longest sequence "
              f"{counted['longest_sequence']}]")
         part("held after training", by_phase["end"]["rss"] - explored["rss"])
         print(f"  micro-batches (rows x padded length): {counted['shapes']}")

@@ -54,7 +54,7 @@ def test_memory_prints_components_and_peak():
                 "--data.tasks_per_epoch", "1", "--data.groups_per_step", "1",
                 "--data.explorer.init_args.group_size", "2", "--data.explorer.init_args.max_new_tokens", "8",
                 "--data.explorer.init_args.reflection_max_new_tokens", "16")
-    sampled = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(("trainer ", "environment "))}
+    sampled = {m[0]: float(m[1]) for m in re.findall(r"^(trainer|environment) +(\d+\.\d\d) +\d+$", "\n".join(lines), re.M)}
     assert sampled["trainer"] > 0.1 and sampled["environment"] > 0.01  # python + torch alone is > 0.1 GB; one JVM
     phases = re.findall(r"^  (\w[\w ]*?) +trainer +\d+\.\d\d -> peak +\d+\.\d\d GB", "\n".join(lines), re.M)
     assert phases == ["loading", "fit start", "exploration", "training"]  # HFEngine: no engine creation phase
