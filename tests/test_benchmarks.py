@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -111,3 +112,24 @@ def test_retry_tokens_counts_pivot_and_scratch_retries_of_the_same_pairs(tiny_ch
     assert lines[-2].startswith("pivot_retry_trained_fraction=0.250 ")  # 4 / 16
     assert lines[-3] == f"pivot_retry_prefill_fraction={m.pivot.tokens.prefill / m.scratch.tokens.prefill:.3f}"
     assert lines[-1] == "pivot_retry_token_fraction=0.250"  # decode 4 / 16
+
+
+@pytest.mark.skipif(shutil.which("java") is None or importlib.util.find_spec("scienceworld") is None,
+                    reason="ScienceWorld needs Java and `pip install -e .[scienceworld]`")
+def test_memory_prints_components_and_peak():
+    # the ScienceWorld config (a JVM child process) with the tiny model and the HF engine, one small task
+    lines = run("memory.py", "--configs", "configs/scienceworld/r3l.yaml",
+                "--model.model_name_or_path", "tiny-random-smollm2", "--model.engine", "r3l_lightning.engines.hf.HFEngine",
+                "--data.tasks_per_epoch", "1", "--data.groups_per_step", "1",
+                "--data.explorer.init_args.group_size", "2", "--data.explorer.init_args.max_new_tokens", "8",
+                "--data.explorer.init_args.reflection_max_new_tokens", "16")
+    sampled = {m[0]: float(m[1]) for m in re.findall(r"^(trainer|environment) +(\d+\.\d\d) +\d+$", "\n".join(lines), re.M)}
+    assert sampled["trainer"] > 0.1 and sampled["environment"] > 0.01  # python + torch alone is > 0.1 GB; one JVM
+    phases = re.findall(r"^  (\w[\w ]*?) +trainer +\d+\.\d\d -> peak +\d+\.\d\d GB", "\n".join(lines), re.M)
+    assert phases == ["loading", "fit start", "exploration", "training"]  # HFEngine: no engine creation phase
+    libraries = re.search(r"^  libraries \(python, torch, transformers\) +\+(\d+\.\d\d) GB", "\n".join(lines), re.M)
+    assert float(libraries.group(1)) > 0.1
+    assert "environment: up to 2 JVMs, -Xmx384m" in "\n".join(lines)  # the config's max_jvms, the default options
+    total = float(re.fullmatch(r"peak_rss_gb=(\d+\.\d\d)", lines[-1]).group(1))
+    assert lines[-2] == f"scienceworld_peak_rss_gb={total:.2f}"
+    assert total >= sampled["trainer"]  # the total is taken over the whole tree, at least at every sample
