@@ -81,7 +81,10 @@ def test_kl_reference_of_a_lora_policy_is_the_base_model_without_a_second_copy()
         base = torch.log_softmax(load_policy(TINY_RANDOM)(input_ids=ids).logits[0, :-1], -1)
         adapted = torch.log_softmax(module.policy(input_ids=ids).logits[0, :-1], -1)
     expected = base.gather(1, ids[0, 1:, None]).squeeze(1)
-    torch.testing.assert_close(module._reference_logprobs(mb)[0, 1:], expected, rtol=1e-5, atol=1e-5)
+    trained = mb["loss_mask"][0, 1:] != 0  # reference logprobs are computed where the loss uses them
+    reference = module._reference_logprobs(mb)[0, 1:]
+    torch.testing.assert_close(reference[trained], expected[trained], rtol=1e-5, atol=1e-5)
+    assert torch.equal(reference[~trained], torch.zeros(int((~trained).sum())))
     assert (adapted.gather(1, ids[0, 1:, None]).squeeze(1) - expected).abs().max() > 1e-3  # adapters on: differs
 
 
