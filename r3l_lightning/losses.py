@@ -38,6 +38,23 @@ def _chunk_logprobs(x: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
     return lse, logp, entropy
 
 
+def _chunked_logprobs(scaled_logits, targets: torch.Tensor, chunk_size: int, with_entropy: bool,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Target logprobs, log-sum-exps and entropies (empty unless ``with_entropy``) of ``len(targets)`` rows whose
+    scaled logits ``scaled_logits(start, end)`` gives ``chunk_size`` rows at a time."""
+    n = targets.shape[0]
+    logp = targets.new_empty(n, dtype=dtype)
+    lse = targets.new_empty(n, dtype=dtype)
+    entropy = targets.new_empty(n if with_entropy else 0, dtype=dtype)
+    for start in range(0, n, chunk_size):
+        end = start + chunk_size
+        lse[start:end], logp[start:end], h = _chunk_logprobs(scaled_logits(start, end), targets[start:end],
+                                                             with_entropy)
+        if with_entropy:
+            entropy[start:end] = h
+    return logp, lse, entropy
+
+
 def _chunk_logit_grad(x: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor,
                       temperature: float) -> torch.Tensor:
     """∂(Σ g·logp)/∂logits for rows of scaled logits ``x``: g·(1[j = y] − p_j) / T (overwrites ``x``)."""
@@ -57,16 +74,8 @@ class _ChunkedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, targets, temperature, chunk_size, with_entropy):
         dtype = torch.promote_types(rows.dtype, torch.float32)
-        n = rows.shape[0]
-        logp = rows.new_empty(n, dtype=dtype)
-        lse = rows.new_empty(n, dtype=dtype)
-        entropy = rows.new_empty(n if with_entropy else 0, dtype=dtype)
-        for start in range(0, n, chunk_size):
-            end = start + chunk_size
-            x = rows[start:end].to(dtype) / temperature
-            lse[start:end], logp[start:end], h = _chunk_logprobs(x, targets[start:end], with_entropy)
-            if with_entropy:
-                entropy[start:end] = h
+        logp, lse, entropy = _chunked_logprobs(lambda start, end: rows[start:end].to(dtype) / temperature, targets,
+                                               chunk_size, with_entropy, dtype)
         ctx.save_for_backward(rows, targets, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(entropy)
@@ -96,17 +105,10 @@ class _ChunkedHeadLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, compute_dtype):
         dtype = torch.promote_types(compute_dtype, torch.float32)
-        n = hidden.shape[0]
         w = weight.to(compute_dtype)
-        logp = hidden.new_empty(n, dtype=dtype)
-        lse = hidden.new_empty(n, dtype=dtype)
-        entropy = hidden.new_empty(n if with_entropy else 0, dtype=dtype)
-        for start in range(0, n, chunk_size):
-            end = start + chunk_size
-            x = (hidden[start:end].to(compute_dtype) @ w.T).to(dtype) / temperature
-            lse[start:end], logp[start:end], h = _chunk_logprobs(x, targets[start:end], with_entropy)
-            if with_entropy:
-                entropy[start:end] = h
+        logp, lse, entropy = _chunked_logprobs(
+            lambda start, end: (hidden[start:end].to(compute_dtype) @ w.T).to(dtype) / temperature, targets,
+            chunk_size, with_entropy, dtype)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk_size, ctx.compute_dtype = temperature, chunk_size, compute_dtype
         ctx.mark_non_differentiable(entropy)
