@@ -9,12 +9,18 @@ The sequences (random token ids, lengths evenly spread over [min-len, max-len], 
 trained with advantage ±1) are planned into micro-batches by the DataModule's own ``plan_steps``. Each row
 runs in a fresh process (its peak RSS is its own) and prints: median seconds per optimizer step after one
 warm-up step, trained tokens/s (non-padding tokens), the padded fraction of the micro-batches, policy forwards
-per step, peak RSS, achieved TFLOP/s and model FLOPs utilisation.
+per step, peak RSS, achieved TFLOP/s and model FLOPs utilisation, and the first (warm-up) step's seconds, which
+include compilation in the ``fp32-compiled`` row (``torch.compile`` of every decoder layer, dynamic shapes).
 
 - Model FLOPs per sequence of s tokens: 6·N·s + 6·L·d·s² (N: weights of the linear layers, lm_head included;
   attention scores and values, forward and backward, causal half of PaLM's 12·L·d·s²).
 - MFU = achieved model FLOP/s ÷ this machine's fastest ``torch.matmul`` rate over fp32 and bf16, measured in the
   same run at the model's GEMM shapes: what the CPU can do, not what the row's dtype can.
+
+``--profile`` runs ``torch.profiler`` over each row's timed steps and prints where the step's wall time goes: the
+self time of every operator, grouped into GEMMs (with their achieved FLOP/s against the matmul probe and the
+slowest GEMM shapes), attention, the loss's log-softmax, elementwise and normalisation ops, the optimizer, memory
+copies and other ops; the remainder (wall − operator time) is Python and dispatch outside any operator.
 
 Last line: ``train_mfu=<best row's MFU>``.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import resource
 import statistics
 import time
@@ -39,11 +46,12 @@ from r3l_lightning.models import decoder_layers
 from r3l_lightning.module import R3LModule
 from r3l_lightning.trajectory import TrainingSample
 
-ROWS = {  # row -> (model_dtype, autocast dtype, full logits)
-    "fp32": ("float32", None, False),
-    "fp32-full-logits": ("float32", None, True),
-    "bf16-mixed": ("float32", torch.bfloat16, False),
-    "bf16": ("bfloat16", None, False),
+ROWS = {  # row -> (model_dtype, autocast dtype, full logits, torch.compile of the decoder layers)
+    "fp32": ("float32", None, False, False),
+    "fp32-full-logits": ("float32", None, True, False),
+    "fp32-compiled": ("float32", None, False, True),
+    "bf16-mixed": ("float32", torch.bfloat16, False, False),
+    "bf16": ("bfloat16", None, False, False),
 }
 
 
@@ -60,6 +68,47 @@ def sequences(count: int, min_len: int, max_len: int, vocab: int, seed: int = 0)
     return samples
 
 
+GEMM = re.compile(r"^aten::(mm|addmm|bmm|baddbmm)$")
+CATEGORIES = (  # (category, operator-name pattern): an operator's self time goes to the first that matches
+    ("gemm", GEMM),
+    ("attention", re.compile(r"attention")),
+    ("optimizer", re.compile(r"^aten::_foreach_|adam", re.IGNORECASE)),
+    ("copies and allocation", re.compile(r"^aten::(copy_|_to_copy|to|clone|contiguous|empty.*|zeros.*|zero_|fill_|"
+                                         r"cat|index.*|slice.*|select.*|new_.*|resize_|as_strided.*|_unsafe_view)$")),
+    ("elementwise, norms, log-softmax", re.compile(r"^aten::")),
+)
+
+
+def op_breakdown(prof: torch.profiler.profile, wall_s: float, steps: int) -> dict:
+    """Per-step seconds by operator category (self CPU time, so nothing is counted twice), the remainder outside
+    any operator, GEMM FLOPs, and the slowest GEMM shapes with their achieved FLOP/s."""
+    seconds = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
+    top = []
+    for event in prof.key_averages():
+        self_s = event.self_cpu_time_total / 1e6 / steps
+        category = next((name for name, pattern in CATEGORIES if pattern.search(event.key)), "other")
+        seconds[category] += self_s
+        top.append((self_s, event.key))
+    gemms = [e for e in prof.key_averages(group_by_input_shape=True) if GEMM.search(e.key)]
+    shapes = sorted(((e.self_cpu_time_total / 1e6 / steps, e.flops / steps, e.key, str(e.input_shapes))
+                     for e in gemms), reverse=True)
+    return {"wall_s": wall_s / steps, "seconds": seconds, "outside_ops_s": wall_s / steps - sum(seconds.values()),
+            "gemm_flop": sum(e.flops for e in gemms) / steps, "top_ops": sorted(top, reverse=True)[:8],
+            "gemm_shapes": shapes[:6]}
+
+
+def print_breakdown(row: str, b: dict, peak: float) -> None:
+    print(f"{row}: {b['wall_s']:.2f} s per step")
+    for name, s in [*b["seconds"].items(), ("outside operators (Python, dispatch)", b["outside_ops_s"])]:
+        print(f"  {name:38s} {s:7.2f} s {s / b['wall_s']:6.1%}")
+    gemm_s = b["seconds"]["gemm"]
+    print(f"  GEMMs: {b['gemm_flop'] / 1e12:.2f} TFLOP per step at {b['gemm_flop'] / gemm_s / 1e12:.3f} TFLOP/s "
+          f"({b['gemm_flop'] / gemm_s / peak:.0%} of the probe)")
+    for s, flop, name, shapes in b["gemm_shapes"]:
+        print(f"    {name:12s} {shapes:48s} {s:6.2f} s {flop / max(s, 1e-9) / 1e12:6.3f} TFLOP/s")
+    print("  top operators: " + ", ".join(f"{name} {s:.2f} s" for s, name in b["top_ops"]))
+
+
 def model_flops(policy: torch.nn.Module, lengths: list[int]) -> float:
     config = policy.config
     weights = sum(i * o for i, o in linear_shapes(policy))
@@ -67,11 +116,14 @@ def model_flops(policy: torch.nn.Module, lengths: list[int]) -> float:
 
 
 def run_row(args: argparse.Namespace) -> dict:
-    model_dtype, autocast, full_logits = ROWS[args.row]
+    model_dtype, autocast, full_logits, compiled = ROWS[args.row]
     if full_logits:  # the path sharded (FSDP) policies take: [tokens, vocab] logits for every position
         module_lib.output_projection = lambda model: None
     torch.manual_seed(0)
     module = R3LModule(args.model, engine=HFEngine(), model_dtype=model_dtype, lr=1e-6)
+    if compiled:  # one dynamic-shape graph per layer call site, shared by all layers (same code, weights as inputs)
+        for layer in decoder_layers(module.policy):
+            layer.compile(dynamic=True)
     samples = sequences(args.sequences, args.min_len, args.max_len, module.policy.config.vocab_size)
     (step,) = plan_steps([samples], [], 1, args.micro_batch_tokens, random.Random(0))
     micro = [collate(mb) for mb in step]
@@ -83,7 +135,11 @@ def run_row(args: argparse.Namespace) -> dict:
     decoder_layers(module.policy)[0].register_forward_pre_hook(lambda *_: forwards.append(1))
     context = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast is not None else nullcontext
     times = []
-    for _ in range(args.steps + 1):  # the first is the warm-up
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
+                                      with_flops=True) if args.profile else None
+    for i in range(args.steps + 1):  # the first is the warm-up
+        if profiler is not None and i == 1:
+            profiler.start()
         forwards.clear()
         start = time.perf_counter()
         rl_denom, sft_denom = module._global_denominators(micro)
@@ -96,8 +152,12 @@ def run_row(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times[1:])
-    return {
-        "row": args.row, "s_per_step": seconds, "tokens_per_s": tokens / seconds,
+    first_step_s = times[0]  # the warm-up: includes compilation in the compiled row
+    if profiler is not None:
+        profiler.stop()
+    breakdown = {"breakdown": op_breakdown(profiler, sum(times[1:]), args.steps)} if profiler is not None else {}
+    return {**breakdown,
+        "row": args.row, "s_per_step": seconds, "first_step_s": first_step_s, "tokens_per_s": tokens / seconds,
         "padded_fraction": 1 - tokens / padded, "micro_batches": len(micro), "forwards_per_step": len(forwards),
         "model_flop_per_s": model_flops(module.policy, [len(s.input_ids) for s in samples]) / seconds,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -111,12 +171,13 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--min-len", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--micro-batch-tokens", type=int, default=4096, help="data.max_tokens_per_micro_batch")
+    parser.add_argument("--micro-batch-tokens", type=int, default=1024, help="data.max_tokens_per_micro_batch")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--rows", default="fp32,fp32-full-logits,bf16-mixed,bf16")
     parser.add_argument("--peak-dtypes", default="float32,bfloat16",
                         help="dtypes of the matmul-rate probe (float32 alone on CPUs without native bf16: their "
                              "bf16 matmuls are emulated and take minutes)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of each row's timed steps")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
     if args.row:
@@ -129,6 +190,7 @@ def main() -> None:
         cmd = ["--row", row, "--model", args.model, "--sequences", str(args.sequences),
                "--min-len", str(args.min_len), "--max-len", str(args.max_len),
                "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps)]
+        cmd += ["--profile"] if args.profile else []
         results.append(row_in_fresh_process(__file__, cmd))
     shapes = [tuple(s) for s in results[0]["linear_shapes"]]
     rows = min(args.micro_batch_tokens, args.sequences * args.max_len)
@@ -137,13 +199,16 @@ def main() -> None:
     print(f"{args.model}: {args.sequences} sequences of {args.min_len}-{args.max_len} tokens, "
           f"{torch.get_num_threads()} threads; matmul rate at the model's shapes ({rows} rows): "
           + ", ".join(f"{d} {r / 1e12:.3f} TFLOP/s" for d, r in peaks.items()))
-    print(f"{'row':16s} {'s/step':>7s} {'tokens/s':>9s} {'padded':>7s} {'micro':>6s} {'fwd/step':>8s} "
+    print(f"{'row':16s} {'s/step':>7s} {'first':>7s} {'tokens/s':>9s} {'padded':>7s} {'micro':>6s} {'fwd/step':>8s} "
           f"{'peak RSS':>9s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for r in results:
         r["mfu"] = r["model_flop_per_s"] / peak
-        print(f"{r['row']:16s} {r['s_per_step']:7.2f} {r['tokens_per_s']:9.0f} {r['padded_fraction']:7.1%} "
+        print(f"{r['row']:16s} {r['s_per_step']:7.2f} {r['first_step_s']:7.2f} {r['tokens_per_s']:9.0f} {r['padded_fraction']:7.1%} "
               f"{r['micro_batches']:6d} {r['forwards_per_step']:8d} {r['peak_rss_gb']:8.2f}G "
               f"{r['model_flop_per_s'] / 1e12:8.3f} {r['mfu']:6.1%}")
+    for r in results:
+        if "breakdown" in r:
+            print_breakdown(r["row"], r["breakdown"], peak)
     print(f"train_mfu={max(r['mfu'] for r in results):.3f}")
 
 

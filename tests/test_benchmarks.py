@@ -29,16 +29,24 @@ def run(script: str, *args: str) -> list[str]:
     return out.stdout.strip().splitlines()
 
 
-def test_train_step_prints_rows_and_mfu():
+def test_train_step_prints_rows_profile_and_mfu():
     lines = run("train_step.py", *TINY, "--sequences", "4", "--min-len", "16", "--max-len", "64",
-                "--micro-batch-tokens", "128", "--rows", "fp32,fp32-full-logits")
+                "--micro-batch-tokens", "128", "--rows", "fp32,fp32-full-logits", "--profile")
     rows = {line.split()[0]: line.split() for line in lines if line.split()[0] in ("fp32", "fp32-full-logits")}
     assert set(rows) == {"fp32", "fp32-full-logits"}
     for row in rows.values():
-        micro_batches, forwards = int(row[4]), int(row[5])
+        micro_batches, forwards = int(row[5]), int(row[6])
         # lengths 16, 32, 48, 64 shortest first within 128 padded tokens: [16, 32] (2 × 32) and [48, 64] (2 × 64)
         assert micro_batches == 2
         assert forwards == micro_batches  # R³L: one policy forward per micro-batch, no reference, no old logprobs
+    # the profile: per row, the step's seconds by operator category (GEMMs first), then the GEMMs' FLOP rate
+    for row in ("fp32", "fp32-full-logits"):
+        start = lines.index(next(line for line in lines if line.startswith(f"{row}: ")))
+        categories = [line.split("  ")[1].strip() for line in lines[start + 1:start + 8]]
+        assert categories == ["gemm", "attention", "optimizer", "copies and allocation",
+                              "elementwise, norms, log-softmax", "other", "outside operators (Python, dispatch)"]
+        assert float(lines[start + 1].split()[1]) > 0
+        assert "TFLOP per step" in lines[start + 8]
     assert re.fullmatch(r"train_mfu=\d+\.\d{3}", lines[-1])
 
 
