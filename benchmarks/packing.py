@@ -121,7 +121,7 @@ def token_logprobs(policy: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     without a KV cache (the model config's ``use_cache`` default would turn the packed-sequence detection off and
     let every token attend to the whole row)."""
     decoder, weight = output_projection(policy)
-    if "position_ids" in mb:  # no cache: transformers only looks for packed sequences without one
+    if "position_ids" in mb:
         hidden = decoder(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False)
         hidden = hidden.last_hidden_state
     else:
