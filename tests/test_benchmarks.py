@@ -50,6 +50,23 @@ def test_train_step_prints_rows_profile_and_mfu():
     assert re.fullmatch(r"train_mfu=\d+\.\d{3}", lines[-1])
 
 
+def test_packing_checks_logprobs_and_prints_variants():
+    lines = run("packing.py", *TINY, "--sequences", "4", "--min-len", "16", "--max-len", "64",
+                "--micro-batch-tokens", "128")
+    for variant in ("packed-128", "packed-64"):
+        (check,) = [line for line in lines if line.startswith(f"{variant}: max |logprob - bucketed|")]
+        assert float(check.split("= ")[1].split()[0]) < 1e-4
+    variants = ("bucketed", "packed-128", "packed-64")
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[0] in variants}
+    # lengths 16, 32, 48, 64 (160 tokens). bucketed: [16, 32] (2 × 32) and [48, 64] (2 × 64), 1 - 160/192 padded.
+    # packed-128: one row per micro-batch, [64, 48, 16] and [32]. packed-64: rows [64], [48, 16], [32], two per
+    # micro-batch: 2 × 64 and 1 × 32. Neither pads.
+    assert [rows["bucketed"][i] for i in (3, 4, 5, 6)] == ["16.7%", "2", "4", "64"]
+    assert [rows["packed-128"][i] for i in (3, 4, 5, 6)] == ["0.0%", "2", "2", "128"]
+    assert [rows["packed-64"][i] for i in (3, 4, 5, 6)] == ["0.0%", "2", "3", "64"]
+    assert re.fullmatch(r"packed_over_bucketed_step_speed=\d+\.\d\d \(packed-(128|64) vs bucketed\)", lines[-1])
+
+
 def test_vs_trl_prints_rows_and_speed_ratio():
     pytest.importorskip("trl", reason="TRL is the bench extra: pip install -e '.[bench]' (scripts/install.sh does)")
     lines = run("vs_trl.py", *TINY, "--prompts", "1", "--group", "2", "--tokens", "8", "--rows", "trl-hf,ours-hf")
