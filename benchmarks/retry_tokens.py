@@ -2,14 +2,26 @@
 
     python benchmarks/retry_tokens.py [--env alfworld|scienceworld] [--tasks 8] [--group_size 8] [--seed 0]
                                       [--model smollm2-135m-instruct] [--engine auto|hf|vllm] [--max_turns 25]
-                                      [--keep_invalid_actions]
+                                      [--keep_invalid_actions] [--pivot policy [middle last]]
 
 Builds the environment, tasks and ``R3LExplorer`` from ``configs/<env>/r3l.yaml`` (ALFWorld: generated games,
 not the official split) and runs the explorer's own steps: ``rollout`` of ``group_size // 2`` base trajectories
-per task, ``_pair`` and ``_reflect`` (once, schema decoding as configured), then ``_retry`` twice on deep copies
-of the same pairs: from the reflection's pivot (R³L) and from turn 0 (``retry_from_scratch``, as Reflect-GRPO),
-with the same guidance text. Only pairs whose reflection triggers a retry count, and the from-scratch variant
-retries exactly the pairs the pivot variant retried (a pivot replay that fails is counted and dropped from both).
+per task, ``_pair`` and ``_reflect`` (once, schema decoding as configured), then ``_retry`` on deep copies of
+the same pairs: from the pivot (R³L: the reflection's, or a forced one, see ``--pivot``) and from turn 0
+(``retry_from_scratch``, as Reflect-GRPO), with the same guidance text. Only pairs whose reflection triggers a
+retry count, and the from-scratch variant retries exactly the pairs the pivot variant retried (a pivot replay
+that fails is counted and dropped from both).
+
+``--pivot`` chooses where the pivot variant restarts each retried pair (K: its base's turns):
+
+- ``policy`` (default): the reflection's own ``retry_from_step``, as the explorer does;
+- ``middle``: turn ⌊K/2⌋; ``last``: turn K−1 — a controlled pivot that shows what the retry mechanism saves
+  when the pivot is late, independently of where the policy puts it.
+
+A forced pivot is set on the benchmark's copies of the pairs only (``Reflection.retry_from_step``; the report,
+so the guidance text, is the policy's), so ``_restore``, the distill sample and its pivot mask all use it.
+Several ``--pivot`` values run side by side on the same bases, reflections and retried pairs (a pair whose
+replay fails under any of them is dropped from all), against one from-scratch run.
 
 The engine (the config's default: vLLM when installed, else HF) is wrapped in :class:`CountingEngine`. Per variant:
 
@@ -21,14 +33,16 @@ The engine (the config's default: vLLM when installed, else HF) is wrapped in :c
   The paper's figure (R³L trained on 49–62 % fewer tokens than GRPO on ALFWorld, i.e. a fraction of 0.38–0.51)
   is printed next to ours.
 
-Prints the pivot distribution, a table per variant, the prefill and trained-token fractions (pivot ÷ scratch)
-and last ``pivot_retry_token_fraction=<pivot decode tokens ÷ scratch decode tokens>``.
+Prints the pivot distribution of each pivot variant, a table per variant, the prefill, trained and decode
+fractions (pivot ÷ scratch) of each next to its mean k/K, and last those of the first ``--pivot``:
+``pivot_retry_token_fraction=<pivot decode tokens ÷ scratch decode tokens>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import os
 import random
@@ -46,12 +60,13 @@ from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters
-from r3l_lightning.explore.r3l import R3LExplorer
+from r3l_lightning.explore.r3l import R3LExplorer, _Pair
 from r3l_lightning.models import eos_token_ids, load_policy, load_tokenizer
 from r3l_lightning.trajectory import ChatTokenizer, make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_TRAINED_FRACTION = "0.38–0.51: R³L trained on 49–62 % fewer tokens than GRPO (ALFWorld, 1.5B)"
+PIVOT_RULES = ("policy", "middle", "last")
 
 
 @dataclass
@@ -100,34 +115,56 @@ class CountingEngine(RolloutEngine):
 
 @dataclass
 class Variant:
-    """One way of retrying the same pairs: its retries, their engine tokens and the distill samples' trained tokens."""
+    """One way of retrying the same pairs: its retries, their engine tokens and the distill samples' trained tokens.
+
+    ``pivots`` holds, per pair handed to it, the turn its retries started from (None: not restored, no retry)."""
 
     name: str
     retries: int
     tokens: TokenCount
     trained: int
     seconds: float
+    pivots: list[int | None]
 
 
 @dataclass
 class Measurement:
-    """The shared bases and reflections, the pivots of the retried pairs, and the two variants."""
+    """The shared bases and reflections, the base turns of the retried pairs, the pivot variants and scratch."""
 
     bases: int
     base_successes: int
     valid_reflections: int
     triggered: int
-    dropped: int  # triggered, but the pivot variant could not restore the episode (replay mismatch, env error)
-    pivots: list[int]  # of the retried pairs
+    dropped: int  # triggered, but some pivot variant could not restore the episode (replay mismatch, env error)
     base_turns: list[int]  # of the retried pairs
     base_tokens: TokenCount
     reflection_tokens: TokenCount
-    pivot: Variant
+    variants: list[Variant]  # one per pivot rule, in the order asked; each pivots list matches base_turns
     scratch: Variant
     events: dict[str, int]  # the explorer's counted events (context overflows, invalid reflections, ...)
 
 
-def _retry_variant(name: str, explorer: R3LExplorer, pairs: list, ctx: RolloutContext,
+def forced_pivot(rule: str, num_turns: int) -> int:
+    """The pivot ``middle`` (⌊K/2⌋) or ``last`` (K−1) gives a base of ``num_turns`` = K ≥ 1 turns."""
+    if rule == "middle":
+        return num_turns // 2
+    if rule == "last":
+        return num_turns - 1
+    raise ValueError(f"no forced pivot for rule {rule!r}: use middle or last")
+
+
+def with_pivot(pair: _Pair, rule: str) -> _Pair:
+    """A deep copy of ``pair`` whose retries start at ``rule``'s pivot (``policy``: the reflection's own).
+
+    Only ``retry_from_step`` changes: the report, hence the guidance text, stays the policy's."""
+    copied = copy.deepcopy(pair)
+    if rule != "policy":
+        step = forced_pivot(rule, pair.base.num_turns)
+        copied.reflection = dataclasses.replace(copied.reflection, retry_from_step=step)
+    return copied
+
+
+def _retry_variant(name: str, explorer: R3LExplorer, pairs: list[_Pair], ctx: RolloutContext,
                    engine: CountingEngine, counters: RolloutCounters) -> Variant:
     """``explorer._retry`` on ``pairs``; the engine's tokens and the trained tokens of the distill samples."""
     engine.take()
@@ -141,11 +178,15 @@ def _retry_variant(name: str, explorer: R3LExplorer, pairs: list, ctx: RolloutCo
             distill = explorer._distill(pair, retry)
             sample = make_sample(ctx.chat.tokenize(distill.messages), 0.0, distill.kind, explorer._credit_pivot(pair))
             trained += sample.num_trainable_tokens
-    return Variant(name, sum(len(p.retries) for p in pairs), tokens, trained, seconds)
+    pivots = [p.pivot if p.retries else None for p in pairs]
+    return Variant(name, sum(len(p.retries) for p in pairs), tokens, trained, seconds, pivots)
 
 
-def measure(explorer: R3LExplorer, tasks: list[Task], ctx: RolloutContext) -> Measurement:
-    """Bases and reflections once; then retries from the pivot and from scratch on copies of the same pairs."""
+def measure(explorer: R3LExplorer, tasks: list[Task], ctx: RolloutContext,
+            pivot_rules: tuple[str, ...] = ("policy",)) -> Measurement:
+    """Bases and reflections once; then retries from each rule's pivot and from scratch on copies of the same pairs."""
+    if not pivot_rules or len(set(pivot_rules)) < len(pivot_rules) or not set(pivot_rules) <= set(PIVOT_RULES):
+        raise ValueError(f"pivot_rules must be distinct values of {PIVOT_RULES}, got {pivot_rules}")
     engine = ctx.engine
     if not isinstance(engine, CountingEngine):
         raise TypeError(f"measure needs the context's engine wrapped in CountingEngine, got {type(engine).__name__}")
@@ -158,19 +199,22 @@ def measure(explorer: R3LExplorer, tasks: list[Task], ctx: RolloutContext) -> Me
     reflection_tokens = engine.take()
     triggered = [p for p in pairs if explorer._triggers_retry(p)]
 
-    from_pivot = copy.deepcopy(triggered)
-    pivot = _retry_variant("pivot", explorer, from_pivot, ctx, engine, counters)
-    retried = [i for i, p in enumerate(from_pivot) if p.retries]
+    kept = triggered
+    while True:  # until every pivot variant restored every kept pair (deterministic replays: one pass)
+        variants = [_retry_variant(rule, explorer, [with_pivot(p, rule) for p in kept], ctx, engine, counters)
+                    for rule in pivot_rules]
+        restored = [p for i, p in enumerate(kept) if all(v.pivots[i] is not None for v in variants)]
+        if len(restored) == len(kept):
+            break
+        kept = restored  # a replay failed under some pivot: rerun all of them on the pairs every one restored
     scratch_explorer = copy.copy(explorer)
     scratch_explorer.retry_from_scratch = True  # _pivot → 0, as Reflect-GRPO
-    from_scratch = [copy.deepcopy(triggered[i]) for i in retried]
-    scratch = _retry_variant("scratch", scratch_explorer, from_scratch, ctx, engine, counters)
+    scratch = _retry_variant("scratch", scratch_explorer, copy.deepcopy(kept), ctx, engine, counters)
     return Measurement(
         bases=len(pairs), base_successes=sum(is_success(p.base.reward) for p in pairs),
         valid_reflections=sum(p.reflection is not None for p in pairs), triggered=len(triggered),
-        dropped=len(triggered) - len(retried), pivots=[from_pivot[i].pivot for i in retried],
-        base_turns=[from_pivot[i].base.num_turns for i in retried], base_tokens=base_tokens,
-        reflection_tokens=reflection_tokens, pivot=pivot, scratch=scratch,
+        dropped=len(triggered) - len(kept), base_turns=[p.base.num_turns for p in kept], base_tokens=base_tokens,
+        reflection_tokens=reflection_tokens, variants=variants, scratch=scratch,
         events={k: v for k, v in sorted(counters.counts.items()) if not k.startswith("tokens_")},
     )
 
@@ -179,33 +223,47 @@ def _fraction(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else float("nan")
 
 
+def _mean_k_over_turns(pivots: list[int], base_turns: list[int]) -> float:
+    """Mean over the retried pairs of pivot ÷ base turns (nan when none was retried)."""
+    return sum(k / t for k, t in zip(pivots, base_turns)) / len(pivots) if pivots else float("nan")
+
+
 def report(m: Measurement) -> list[str]:
-    """The lines the script prints; the last three are the fractions, pivot ÷ scratch."""
-    retried = len(m.pivots)
+    """The lines the script prints; the last three are the first pivot variant's fractions, pivot ÷ scratch."""
+    retried = len(m.base_turns)
     lines = [
         f"bases {m.bases} (successes {m.base_successes}): {m.base_tokens.calls} calls, prefill "
         f"{m.base_tokens.prefill}, decode {m.base_tokens.decode} tokens",
         f"reflections: {m.valid_reflections}/{m.bases} valid, {m.triggered} trigger a retry; prefill "
         f"{m.reflection_tokens.prefill}, decode {m.reflection_tokens.decode} tokens",
-        f"retried pairs: {retried} ({m.dropped} dropped: the pivot variant could not restore their episode)",
-        "counted (both variants): " + (", ".join(f"{k} {v}" for k, v in m.events.items()) or "nothing"),
+        f"retried pairs: {retried} ({m.dropped} dropped: a pivot variant could not restore their episode)",
+        "counted (all variants): " + (", ".join(f"{k} {v}" for k, v in m.events.items()) or "nothing"),
     ]
+    k_over_k = {v.name: _mean_k_over_turns(v.pivots, m.base_turns) for v in m.variants}
     if retried:
-        k_over_turns = sum(k / t for k, t in zip(m.pivots, m.base_turns)) / retried
-        histogram = ", ".join(f"{k}: {n}" for k, n in sorted(Counter(m.pivots).items()))
-        lines.append(f"pivot k: mean {sum(m.pivots) / retried:.2f} of mean {sum(m.base_turns) / retried:.2f} base "
-                     f"turns (mean k/K {k_over_turns:.2f}); pivots {{{histogram}}}")
-        if not any(m.pivots):
-            lines.append("every pivot is 0: both variants retry from turn 0 and differ only by sampling (a one-turn base "
-                         "leaves the reflection no other turn; --keep_invalid_actions gives longer bases)")
+        lines.append(f"pivot k of the {retried} retried pairs (base turns K: mean {sum(m.base_turns) / retried:.2f})")
+        for v in m.variants:
+            histogram = ", ".join(f"{k}: {n}" for k, n in sorted(Counter(v.pivots).items()))
+            lines.append(f"  {v.name:8s} mean k {sum(v.pivots) / retried:.2f}, mean k/K {k_over_k[v.name]:.2f}; "
+                         f"pivots {{{histogram}}}")
+            if not any(v.pivots):
+                lines.append(f"  every {v.name} pivot is 0: it retries from turn 0 as scratch does and differs only "
+                             f"by sampling (the reflections chose turn 0, or one-turn bases left no other; "
+                             f"--keep_invalid_actions gives longer bases)")
     lines.append(f"{'variant':8s} {'retries':>7s} {'calls':>6s} {'prefill':>9s} {'decode':>8s} {'trained':>8s} "
                  f"{'prefill/r':>10s} {'decode/r':>9s} {'trained/r':>10s} {'seconds':>8s}")
-    for v in (m.pivot, m.scratch):
+    for v in (*m.variants, m.scratch):
         n = max(v.retries, 1)
         lines.append(f"{v.name:8s} {v.retries:7d} {v.tokens.calls:6d} {v.tokens.prefill:9d} {v.tokens.decode:8d} "
                      f"{v.trained:8d} {v.tokens.prefill / n:10.1f} {v.tokens.decode / n:9.1f} {v.trained / n:10.1f} "
                      f"{v.seconds:8.1f}")
-    p, s = m.pivot, m.scratch
+    s = m.scratch
+    lines.append(f"fractions of scratch: {'pivot':8s} {'k/K':>5s} {'prefill':>8s} {'trained':>8s} {'decode':>7s}")
+    for v in m.variants:
+        lines.append(f"{'':21s} {v.name:8s} {k_over_k[v.name]:5.2f} "
+                     f"{_fraction(v.tokens.prefill, s.tokens.prefill):8.3f} {_fraction(v.trained, s.trained):8.3f} "
+                     f"{_fraction(v.tokens.decode, s.tokens.decode):7.3f}")
+    p = m.variants[0]
     lines += [
         f"pivot_retry_prefill_fraction={_fraction(p.tokens.prefill, s.tokens.prefill):.3f}",
         f"pivot_retry_trained_fraction={_fraction(p.trained, s.trained):.3f} (paper: {PAPER_TRAINED_FRACTION})",
@@ -244,11 +302,17 @@ def main() -> None:
                         help="an inadmissible action no longer ends the episode (end_on_invalid_action: false), so a "
                              "model that rarely writes one still gets bases of --max_turns turns to pick a pivot in "
                              "(not the paper's rule)")
+    parser.add_argument("--pivot", nargs="+", default=["policy"], choices=PIVOT_RULES,
+                        help="where the pivot variant restarts a retried pair: the reflection's pivot (policy), "
+                             "turn ⌊K/2⌋ (middle) or K−1 (last); several run side by side on the same pairs, the "
+                             "last lines giving the first's fractions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="default: the config's (the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--engine", default="auto", choices=["auto", "hf", "vllm"],
                         help="auto: the main job's default (vLLM when installed, else HF)")
     args = parser.parse_args()
+    if len(set(args.pivot)) < len(args.pivot):
+        parser.error(f"--pivot values must be distinct, got {args.pivot}")
     for name in ("tasks", "group_size", "max_turns"):
         value = getattr(args, name)
         if value is not None and value < (2 if name == "group_size" else 1):
@@ -279,11 +343,12 @@ def main() -> None:
     engine.bind(policy, tokenizer, chat.eos_token_ids)
     print(f"{args.env}: {len(tasks)} tasks × {explorer.group_size // 2} bases, max {env.max_turns} turns, invalid actions "
           f"{'end' if env.end_on_invalid_action else 'do not end'} the episode; {model}, "
-          f"{type(engine.inner).__name__}, reflection decoding {explorer.reflection_decoding}, seed {args.seed}")
+          f"{type(engine.inner).__name__}, reflection decoding {explorer.reflection_decoding}, seed {args.seed}, "
+          f"pivots {', '.join(args.pivot)}")
 
     start = time.perf_counter()
     try:
-        result = measure(explorer, tasks, RolloutContext(env, engine, chat))
+        result = measure(explorer, tasks, RolloutContext(env, engine, chat), tuple(args.pivot))
     finally:
         if hasattr(engine.inner, "close"):
             engine.inner.close()
@@ -291,7 +356,7 @@ def main() -> None:
             env.close()
     print(f"wall time {time.perf_counter() - start:.0f} s; load average after: {os.getloadavg()}")
     lines = report(result)
-    if not result.pivots:
+    if not result.base_turns:
         print("\n".join(lines[:-3]))
         raise SystemExit("no reflection triggered a retry, so there is nothing to compare: raise --tasks")
     print("\n".join(lines))

@@ -86,57 +86,111 @@ def _retry_tokens_module():
     return module
 
 
+GUESS_REPORT = {"trajectory_summary": "guessed pear three times", "root_cause_analysis": "kept the same guess",
+                "trajectory_outcome": "failure", "improvement_suggestion": "change the guess", "retry_from_step": 2}
+
+
+def guess_script(prompt: str) -> str:
+    """Bases guess pear and reflect with GUESS_REPORT; a guided retry guesses apple once two guesses failed."""
+    if "Write the JSON diagnosis" in prompt:
+        return json.dumps(GUESS_REPORT)
+    if "previous attempt at this task had issues" in prompt:
+        return "apple" if prompt.count("is wrong.") >= 2 else "plum"
+    return "pear"
+
+
 def test_retry_tokens_counts_pivot_and_scratch_retries_of_the_same_pairs(tiny_chat):
     retry_tokens = _retry_tokens_module()
-    report = {"trajectory_summary": "guessed pear three times", "root_cause_analysis": "kept the same guess",
-              "trajectory_outcome": "failure", "improvement_suggestion": "change the guess", "retry_from_step": 2}
-
-    def respond(prompt: str) -> str:  # bases guess pear; a guided retry guesses apple once two guesses failed
-        if "Write the JSON diagnosis" in prompt:
-            return json.dumps(report)
-        if "previous attempt at this task had issues" in prompt:
-            return "apple" if prompt.count("is wrong.") >= 2 else "plum"
-        return "pear"
-
     tokenizer, eos = tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id
     ids = {word: tokenizer(word, add_special_tokens=False)["input_ids"] + [eos] for word in ("pear", "plum", "apple")}
     assert {w: len(i) for w, i in ids.items()} == {"pear": 3, "plum": 3, "apple": 2}  # the arithmetic's premise
-    engine = retry_tokens.CountingEngine(ScriptedEngine(respond, tokenizer, eos))
+    engine = retry_tokens.CountingEngine(ScriptedEngine(guess_script, tokenizer, eos))
     env = GuessEnv(max_turns=3)
-    m = retry_tokens.measure(R3LExplorer(group_size=4), [GuessTasks(1)[0]], RolloutContext(env, engine, tiny_chat))
+    m = retry_tokens.measure(R3LExplorer(group_size=4), [GuessTasks(1)[0]], RolloutContext(env, engine, tiny_chat),
+                             ("policy", "middle", "last"))
 
     # 2 bases: pear × 3 turns (3 calls, decode 2 × 3 × 3 = 18), reward 0; both reflections ask for turn 2
     assert (m.bases, m.base_successes, m.triggered, m.dropped) == (2, 0, 2, 0)
     assert (m.base_tokens.calls, m.base_tokens.decode) == (3, 18)
-    assert m.pivots == [2, 2] and m.base_turns == [3, 3]
-    # from the pivot: one turn (apple), decode 2 × 2 = 4; from scratch: plum, plum, apple, decode 2 × (3 + 3 + 2) = 16
-    assert (m.pivot.retries, m.pivot.tokens.calls, m.pivot.tokens.decode) == (2, 1, 4)
+    assert m.base_turns == [3, 3]
+    policy, middle, last = m.variants
+    # policy: the reflection's turn 2; middle: ⌊3/2⌋ = 1; last: 3 − 1 = 2
+    assert (policy.pivots, middle.pivots, last.pivots) == ([2, 2], [1, 1], [2, 2])
+    # from turn 2: one turn (apple), decode 2 × 2 = 4; from turn 1: plum, apple, decode 2 × (3 + 2) = 10;
+    # from scratch: plum, plum, apple, decode 2 × (3 + 3 + 2) = 16
+    for variant in (policy, last):
+        assert (variant.retries, variant.tokens.calls, variant.tokens.decode) == (2, 1, 4)
+    assert (middle.retries, middle.tokens.calls, middle.tokens.decode) == (2, 2, 10)
     assert (m.scratch.retries, m.scratch.tokens.calls, m.scratch.tokens.decode) == (2, 3, 16)
-    # trained: the pivot mask leaves turn 2 of the distill sample (apple + eos: 2 × 2 = 4); from scratch every
-    # turn (2 × 8 = 16)
-    assert (m.pivot.trained, m.scratch.trained) == (4, 16)
+    # trained: the pivot mask leaves the turns from the pivot on: turn 2 (apple + eos: 2 × 2 = 4), turns 1–2
+    # (2 × (3 + 2) = 10); from scratch every turn (2 × 8 = 16)
+    assert (policy.trained, middle.trained, last.trained, m.scratch.trained) == (4, 10, 4, 16)
 
     # prefill: every prompt each retry sent, rebuilt by hand (guidance before the pivot turn's observation; from
-    # scratch in the system prompt)
-    reflection, _ = parse_reflection(json.dumps(report), 3)
+    # scratch in the system prompt). The forced pivot keeps the policy's report, so the same guidance text.
+    reflection, _ = parse_reflection(json.dumps(GUESS_REPORT), 3)
     guidance = guidance_text(reflection)
     system, first = env.system_prompt(), "Guess the secret word."
 
     def turn(word: str) -> list[Message]:
         return [Message("assistant", word, token_ids=ids[word]), Message("user", f"'{word}' is wrong.")]
 
-    pivot_prompt = ([Message("system", system), Message("user", first)] + turn("pear")
-                    + [Message("assistant", "pear", token_ids=ids["pear"]), Message("system", guidance, guidance=True),
-                       Message("user", "'pear' is wrong.")])
+    from_turn_1 = [Message("system", system), Message("user", first),
+                   Message("assistant", "pear", token_ids=ids["pear"]), Message("system", guidance, guidance=True),
+                   Message("user", "'pear' is wrong.")]
+    from_turn_2 = from_turn_1[:2] + turn("pear") + from_turn_1[2:]
     scratch_start = [Message("system", f"{system}\n\n{guidance}", guidance=True), Message("user", first)]
     scratch_prompts = [scratch_start, scratch_start + turn("plum"), scratch_start + turn("plum") + turn("plum")]
-    assert m.pivot.tokens.prefill == 2 * len(tiny_chat.prompt_ids(pivot_prompt))
-    assert m.scratch.tokens.prefill == 2 * sum(len(tiny_chat.prompt_ids(p)) for p in scratch_prompts)
+
+    def prefill(prompts: list[list[Message]]) -> int:
+        return 2 * sum(len(tiny_chat.prompt_ids(p)) for p in prompts)
+
+    assert policy.tokens.prefill == last.tokens.prefill == prefill([from_turn_2])
+    assert middle.tokens.prefill == prefill([from_turn_1, from_turn_1 + turn("plum")])
+    assert m.scratch.tokens.prefill == prefill(scratch_prompts)
 
     lines = retry_tokens.report(m)
+    assert "  middle   mean k 1.00, mean k/K 0.33; pivots {1: 2}" in lines
+    fractions = lines[lines.index(next(line for line in lines if line.startswith("fractions of scratch"))) + 1 :][:3]
+    for line, name, k_over_turns, variant in zip(fractions, ("policy", "middle", "last"), ("0.67", "0.33", "0.67"),
+                                                 (policy, middle, last)):
+        assert line.split() == [name, k_over_turns, f"{variant.tokens.prefill / m.scratch.tokens.prefill:.3f}",
+                                f"{variant.trained / 16:.3f}", f"{variant.tokens.decode / 16:.3f}"]
+    assert fractions[1].split()[-2:] == ["0.625", "0.625"]  # middle: trained and decode 10 / 16
+    # the last three lines: the first variant's (policy)
     assert lines[-2].startswith("pivot_retry_trained_fraction=0.250 ")  # 4 / 16
-    assert lines[-3] == f"pivot_retry_prefill_fraction={m.pivot.tokens.prefill / m.scratch.tokens.prefill:.3f}"
+    assert lines[-3] == f"pivot_retry_prefill_fraction={policy.tokens.prefill / m.scratch.tokens.prefill:.3f}"
     assert lines[-1] == "pivot_retry_token_fraction=0.250"  # decode 4 / 16
+
+
+class FailsFirstReplayAtTurn2(R3LExplorer):
+    """The first restore to turn 2 fails (as a replay mismatch); every other restore succeeds."""
+
+    failed = False
+
+    def _restore(self, pair, ctx, counters):
+        if self._pivot(pair) == 2 and not self.failed:
+            self.failed = True
+            return None
+        return super()._restore(pair, ctx, counters)
+
+
+def test_retry_tokens_drops_a_pair_one_pivot_variant_could_not_restore_from_all(tiny_chat):
+    retry_tokens = _retry_tokens_module()
+    tokenizer, eos = tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id
+    engine = retry_tokens.CountingEngine(ScriptedEngine(guess_script, tokenizer, eos))
+    m = retry_tokens.measure(FailsFirstReplayAtTurn2(group_size=4), [GuessTasks(1)[0]],
+                             RolloutContext(GuessEnv(max_turns=3), engine, tiny_chat), ("middle", "policy"))
+
+    # first pass: middle restores both pairs, policy only the second; the rerun keeps the second pair alone
+    assert (m.triggered, m.dropped, m.base_turns) == (2, 1, [3])
+    middle, policy = m.variants
+    assert (middle.pivots, policy.pivots) == ([1], [2])
+    # the counts are the rerun's, one pair each: plum + apple (decode 5), apple (2); scratch plum, plum, apple (8)
+    assert (middle.retries, middle.tokens.calls, middle.tokens.decode, middle.trained) == (1, 2, 5, 5)
+    assert (policy.retries, policy.tokens.calls, policy.tokens.decode, policy.trained) == (1, 1, 2, 2)
+    assert (m.scratch.retries, m.scratch.tokens.calls, m.scratch.tokens.decode, m.scratch.trained) == (1, 3, 8, 8)
+    assert retry_tokens.report(m)[-1] == "pivot_retry_token_fraction=0.625"  # the first variant (middle): 5 / 8
 
 
 @pytest.mark.skipif(shutil.which("java") is None or importlib.util.find_spec("scienceworld") is None,
