@@ -67,11 +67,11 @@ class EvalCallback(L.Callback):
 
     Runs before training, every ``every_n_epochs`` epochs, and after training. Each rank evaluates
     its shard of the tasks; torchmetrics syncs the means across ranks. Logged as ``eval/reward``,
-    ``eval/success_rate`` and ``eval/epoch`` (epochs trained before it); every result is also kept in
-    ``history``, and the rollouts go to ``<log_dir>/rollouts/eval_<epoch>.jsonl`` (``data.rollout_log``).
-    Every task's success rate is kept in ``task_success[label]``; after training, the gain over the
-    evaluation before training is printed and logged (``eval/success_gain``, ``eval/success_gain_se``) with
-    its paired standard error.
+    ``eval/success_rate``, ``eval/engine_calls`` (this rank's generate calls) and ``eval/epoch`` (epochs
+    trained before it); every result is also kept in ``history``, and the rollouts go to
+    ``<log_dir>/rollouts/eval_<epoch>.jsonl`` (``data.rollout_log``). Every task's success rate is kept in
+    ``task_success[label]``; after training, the gain over the evaluation before training is printed and
+    logged (``eval/success_gain``, ``eval/success_gain_se``) with its paired standard error.
     """
 
     def __init__(
@@ -111,7 +111,8 @@ class EvalCallback(L.Callback):
             raise ValueError("evaluation needs data.eval_tasks: set it in the config")
         shard = tasks[rank::world_size]
         with PhaseProgress("", self.show_progress and rank == 0, trainer) as progress:
-            trajectories = evaluate_tasks(rollout_context(datamodule, pl_module, progress), shard, self.params, self.repeats)
+            ctx = rollout_context(datamodule, pl_module, progress)
+            trajectories = evaluate_tasks(ctx, shard, self.params, self.repeats)
         n = self.repeats
         self.last_records = [trajectories_record(task, trajectories[i * n : (i + 1) * n]) for i, task in enumerate(shard)]
         per_task = [sum(is_success(t.reward) for t in trajectories[i * n : (i + 1) * n]) / n for i in range(len(shard))]
@@ -125,6 +126,7 @@ class EvalCallback(L.Callback):
             "eval/success_rate": float(success.compute()),
             "eval/rollouts": float(len(tasks) * self.repeats),
             "eval/time_s": time.perf_counter() - start,
+            "eval/engine_calls": ctx.call_stats()["engine_calls"],  # this rank's
         }
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, epoch: int) -> dict[str, float]:

@@ -76,9 +76,10 @@ class ExplorationCallback(L.Callback):
 
     Each rank explores its own shard of the tasks with the module's rollout engine, puts the groups
     and SFT samples into the DataModule's buffer, and agrees with the other ranks on the number of
-    optimizer steps. Statistics are logged under ``explore/``; the explored groups go to the rollout
-    log (``data.rollout_log``); progress bars show the phases (``show_progress``) and one summary line
-    per epoch is printed when its training ends.
+    optimizer steps. Statistics are logged under ``explore/``, the engine's generate calls among them
+    (``explore/engine_calls``, and ``explore/engine_calls_<phase>`` per phase: base, reflection, retry); the
+    explored groups go to the rollout log (``data.rollout_log``); progress bars show the phases
+    (``show_progress``) and one summary line per epoch is printed when its training ends.
     """
 
     def __init__(self, show_progress: bool = True) -> None:
@@ -93,10 +94,12 @@ class ExplorationCallback(L.Callback):
         epoch = trainer.current_epoch
         start = time.perf_counter()
         with PhaseProgress(f"epoch {epoch}", self.show_progress and trainer.is_global_zero, trainer) as progress:
-            result = datamodule.explorer.explore(tasks, rollout_context(datamodule, pl_module, progress))
+            ctx = rollout_context(datamodule, pl_module, progress)
+            result = datamodule.explorer.explore(tasks, ctx)
         datamodule.buffer.put(result.groups, result.sft)
         steps = datamodule.plan_epoch(trainer.world_size, reduce_max_fn(trainer))
-        stats = dict(result.stats, time_explore_s=time.perf_counter() - start, optimizer_steps=float(steps))
+        stats = dict(result.stats, **ctx.call_stats(), time_explore_s=time.perf_counter() - start,
+                     optimizer_steps=float(steps))
         syncs = getattr(pl_module.rollout_engine, "syncs", None)  # engines that copy weights (vLLM) count them
         if syncs is not None:
             stats["engine_weight_syncs"] = float(syncs)

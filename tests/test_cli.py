@@ -174,7 +174,10 @@ def test_every_method_overlay_trains_one_tiny_epoch(method, tmp_path, monkeypatc
                     "--trainer.logger", "false", "--trainer.callbacks", "[{class_path: r3l_lightning.callbacks.ExplorationCallback}]",
                     "--trainer.enable_checkpointing", "false", "--data.explorer.init_args.group_size", "4"])
     assert cli.trainer.current_epoch == 1
-    assert cli.trainer.callbacks[0].last_stats["base_reward_mean"] >= 0.0
+    stats = cli.trainer.callbacks[0].last_stats
+    assert stats["base_reward_mean"] >= 0.0
+    assert stats["engine_calls_base"] >= 1
+    assert stats["engine_calls"] == sum(v for k, v in stats.items() if k.startswith("engine_calls_"))
 
 
 GSM8K_TINY = str(ROOT / "tests" / "fixtures" / "gsm8k_tiny.jsonl")

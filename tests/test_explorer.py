@@ -7,6 +7,9 @@ import re
 
 import pytest
 
+from r3l_lightning.callbacks.evaluation import evaluate_tasks
+from r3l_lightning.engines.base import SamplingParams
+from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.episodes import RolloutContext
 from r3l_lightning.explore import CritiqueGRPOExplorer, GroupExplorer, R3LExplorer
 from r3l_lightning.explore.group import overlong_penalty
@@ -325,3 +328,25 @@ def test_invalid_critiques_are_counted_and_skip_their_refinement(tiny_chat):
     # rewards [0, .5, 0]: mean 1/6, σ = sqrt((1/36 + 4/36 + 1/36)/2) = sqrt(1/12) = .28867513
     # → A = -(1/6)/σ = -.57735027, (1/3)/σ = 1.15470054
     assert [s.advantage for s in result.groups[0]] == pytest.approx([-0.57735027, 1.15470054, -0.57735027], abs=1e-5)
+
+
+def test_engine_calls_per_phase_follow_the_episode_structure(tiny_chat):
+    def respond(prompt: str) -> str:
+        if "Write the JSON diagnosis" in prompt:  # pivot 1 after a wrong guess, else 0
+            return json.dumps(dict(REFLECTION, retry_from_step=1 if "is wrong" in prompt else 0))
+        return "apple"
+
+    engine = ScriptedEngine(respond, tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    ctx = RolloutContext(GuessEnv(max_turns=3), engine, tiny_chat)
+    # "apple" wins task a at turn 1 and is wrong for task b at all 3 turns
+    tasks = [Task("a", {"rewards": {"apple": 1.0}}), Task("b", {"rewards": {"kiwi": 1.0}})]
+    R3LExplorer(group_size=2).explore(tasks, ctx)  # one base trajectory per task
+    # base: turn 1 of a and b, then turns 2 and 3 of b; one reflection call for both; retries: a from turn 0
+    # (1 turn) together with b from its pivot 1, then b's turn 3
+    assert engine.calls == [2, 1, 1, 2, 2, 1]
+    assert ctx.call_stats() == {"engine_calls": 6.0, "engine_calls_base": 3.0, "engine_calls_reflection": 1.0,
+                                "engine_calls_retry": 2.0}
+    eval_ctx = RolloutContext(GuessEnv(max_turns=3), engine, tiny_chat)
+    evaluate_tasks(eval_ctx, tasks, SamplingParams(), repeats=2)  # 2 × a end at turn 1, 2 × b run 3 turns
+    assert engine.calls[6:] == [4, 2, 2]
+    assert eval_ctx.call_stats() == {"engine_calls": 3.0, "engine_calls_eval": 3.0}

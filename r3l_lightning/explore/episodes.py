@@ -27,18 +27,26 @@ class RolloutContext:
     # called after every generate call with the number of sequences and the phase: "base", "reflection",
     # "retry", "eval" (the ``token_key`` of :func:`run_episodes` without its ``tokens_`` prefix)
     progress: Callable[[int, str], None] | None = None
+    # generate calls made through this context, per phase
+    calls: Counter = field(default_factory=Counter)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, phase: str,
                  constraints: list[Constraint | None] | None = None) -> list[list[Completion]]:
-        """``engine.generate``, then ``progress``. ``constraints`` reach the engine only when one of them is set,
+        """``engine.generate``, counted in ``calls``, then ``progress``. ``constraints`` reach the engine only when one of them is set,
         so engines written without constraints keep working wherever nothing is constrained."""
         if constraints is not None and any(c is not None for c in constraints):
             outputs = self.engine.generate(prompts, params, constraints)
         else:
             outputs = self.engine.generate(prompts, params)
+        self.calls[phase] += 1
         if self.progress is not None:
             self.progress(len(prompts), phase)
         return outputs
+
+    def call_stats(self) -> dict[str, float]:
+        """Engine calls made so far: ``engine_calls`` in all, ``engine_calls_<phase>`` per phase."""
+        stats = {f"engine_calls_{phase}": float(n) for phase, n in sorted(self.calls.items())}
+        return {"engine_calls": float(sum(self.calls.values())), **stats}
 
 
 @dataclass
