@@ -67,6 +67,70 @@ def test_packing_checks_logprobs_and_prints_variants():
     assert re.fullmatch(r"packed_over_bucketed_step_speed=\d+\.\d\d \(packed-(128|64) vs bucketed\)", lines[-1])
 
 
+def _rollout_throughput():
+    spec = importlib.util.spec_from_file_location("rollout_throughput", ROOT / "benchmarks" / "rollout_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its `from machine import ...`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def _event(name: str, start_s: float, end_s: float, shapes=None, flops=None, children=()):
+    from torch.autograd.profiler_util import FunctionEvent
+
+    event = FunctionEvent(0, name, 1, start_s * 1e6, end_s * 1e6, input_shapes=shapes or [], flops=flops)
+    for child in children:
+        event.append_cpu_child(child)
+        child.set_cpu_parent(event)
+    return event
+
+
+def test_rollout_profile_breakdown_by_hand():
+    module = _rollout_throughput()
+    mul = _event("aten::mul", 6.6, 7.6, [[64, 576], [64, 576]])
+    events = [
+        _event("_C::onednn_mm", 0.0, 4.0, [[64, 100_000], [64, 5_000], [], []]),  # 2·64·1e5·5e3 = 64 GFLOP
+        _event("aten::linear", 4.0, 5.0, children=[_event("aten::addmm", 4.1, 4.9, flops=36_000_000_000)]),
+        _event("vllm::unified_attention_with_output", 5.0, 6.0),
+        _event("aten::log_softmax", 6.0, 6.5, [[64, 49152], [], []]),
+        _event("Torch-Compiled Region: 0/0", 6.5, 8.0, children=[mul]),  # a range: its mul counts, not its 0.5 s
+        _event("aten::mean", 8.0, 8.5, [[64, 576], [], [], []]),
+    ]
+    events.insert(5, mul)  # the profiler lists children too
+    ops = module.top_level_ops(events)
+    assert sorted(e.name for e in ops) == ["_C::onednn_mm", "aten::linear", "aten::log_softmax", "aten::mean",
+                                           "aten::mul", "vllm::unified_attention_with_output"]
+    lines = module.breakdown(10.0, ops, 49152, probe_flop_rate=40e9)
+    rows = {line[:28].strip(): (float(line.split()[-2]), line.split()[-1]) for line in lines[1:6]}
+    # 10 s wall: GEMMs 4 + 1 s, attention 1 s, log_softmax 0.5 s, mul 1 + mean 0.5 s; 2 s of no op
+    assert rows == {"linear GEMMs": (5.0, "50.0%"), "attention": (1.0, "10.0%"), "sampling and logprobs": (0.5, "5.0%"),
+                    "other tensor ops": (1.5, "15.0%"), "remainder (wall - op time)": (2.0, "20.0%")}
+    # 64 + 36 GFLOP in 5 s: 20 GFLOP/s, half the probe's 40
+    assert lines[6] == "linear GEMMs: 100.0 GFLOP at 20.0 GFLOP/s = 0.50 of the matmul probe (40.0 GFLOP/s)"
+    assert lines[7] == "sampling and logprobs, largest: aten::log_softmax 0.50 s"
+    assert lines[8] == "other tensor ops, largest: aten::mul 1.00 s, aten::mean 0.50 s"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_rollout_throughput_profiles_and_splits_threads():
+    lines = run("rollout_throughput.py", "--model", "tiny-random-smollm2", "--prompts", "2", "--n", "2", "--tokens", "4",
+                "--vllm-modes", "eager", "--bf16-tokens", "0", "--profile", "--threads", "1,2")
+    text = "\n".join(lines)
+    shares = re.findall(r"^(linear GEMMs|attention|sampling and logprobs|other tensor ops|remainder \(wall - op time\))"
+                        r" +-?\d+\.\d\d +(-?\d+\.\d)%$", text, re.M)
+    assert [name for name, _ in shares] == ["linear GEMMs", "attention", "sampling and logprobs", "other tensor ops",
+                                            "remainder (wall - op time)"]
+    assert sum(float(share) for _, share in shares) == pytest.approx(100.0, abs=0.3)  # the rows add up to the wall
+    assert re.search(r"^linear GEMMs: \d+\.\d GFLOP at ", text, re.M)
+    for count in (1, 2):
+        assert f"vllm eager at {count} torch threads: " in text
+        assert re.search(rf"^threads={count}: vllm eager \d+\.\d tokens/s, decode limit \d+\.\d tokens/s", text, re.M)
+    assert re.fullmatch(r"rollout_fraction_of_limit=\d+\.\d{3}", lines[-1])
+
+
 def test_vs_trl_prints_rows_and_speed_ratio():
     pytest.importorskip("trl", reason="TRL is the bench extra: pip install -e '.[bench]' (scripts/install.sh does)")
     lines = run("vs_trl.py", *TINY, "--prompts", "1", "--group", "2", "--tokens", "8", "--rows", "trl-hf,ours-hf")
