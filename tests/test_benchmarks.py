@@ -139,6 +139,20 @@ def test_vs_trl_prints_rows_and_speed_ratio():
     for row in rows.values():
         seconds, generate, rest = map(float, row[1:4])
         assert seconds > 0 and generate > 0 and abs(generate + rest - seconds) < 0.02
+    # memory phases: one column per row; no vLLM in these rows; the peak row repeats the speed table's peak RSS
+    table = lines[lines.index("process-tree RSS GB at each phase (peak since the previous phase):") + 1:]
+    assert table[0].split() == ["phase", "trl-hf", "ours-hf"]
+    cells = {line[:15].strip(): line[15:].split() for line in table[1:8]}
+    assert list(cells) == ["imports", "models", "vllm import", "engine", "first generate", "first step", "peak"]
+    assert cells["vllm import"] == cells["engine"] == ["-", "-"]
+    for phase in ("imports", "models", "first generate", "first step"):
+        assert len(cells[phase]) == 4, (phase, cells[phase])  # both rows marked it (ours: vs_trl's own callback)
+        for rss, peak in zip(cells[phase][::2], cells[phase][1::2]):  # "4.12 (4.50)": RSS now, peak since before
+            assert 0.1 < float(rss) <= float(peak.strip("()")) + 0.01
+    assert cells["peak"] == [f"{float(rows[r][-1].rstrip('G')):.2f}" for r in ("trl-hf", "ours-hf")]
+    for column, peak in enumerate(cells["peak"]):  # no phase's peak above the row's
+        assert all(float(cells[p][2 * column + 1].strip("()")) <= float(peak) + 0.01
+                   for p in ("imports", "models", "first generate", "first step"))
     assert re.fullmatch(r"ours_over_trl_step_speed=\d+\.\d\d \(ours-hf vs trl-hf\)", lines[-1])
 
 

