@@ -34,7 +34,7 @@ import time
 
 import torch
 from rows import print_row, run_row as row_in_fresh_process
-from train_step import sequences
+from train_step import add_sequence_arguments, sequence_arguments, sequences
 
 from r3l_lightning.data import MicroBatch, collate, plan_steps
 from r3l_lightning.losses import head_token_logprobs
@@ -183,11 +183,7 @@ def max_abs_difference(a: list[list[float]], b: list[list[float]]) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--min-len", type=int, default=64)
-    parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--micro-batch-tokens", type=int, default=4096, help="data.max_tokens_per_micro_batch")
+    add_sequence_arguments(parser, micro_batch_tokens=4096)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--variants", help="comma-separated: bucketed, packed-<row tokens> (default: bucketed, "
                                            "packed-<micro-batch-tokens>, packed-<max-len>)")
@@ -202,9 +198,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     results = []
     for variant in variants:
-        cmd = ["--variant", variant, "--model", args.model, "--sequences", str(args.sequences),
-               "--min-len", str(args.min_len), "--max-len", str(args.max_len),
-               "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps)]
+        cmd = ["--variant", variant, *sequence_arguments(args), "--steps", str(args.steps)]
         results.append(row_in_fresh_process(__file__, cmd))
     print(f"load average after: {os.getloadavg()}")
     print(f"{args.model}: {args.sequences} sequences of {args.min_len}-{args.max_len} tokens, "

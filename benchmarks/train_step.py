@@ -109,6 +109,23 @@ def print_breakdown(row: str, b: dict, peak: float) -> None:
     print("  top operators: " + ", ".join(f"{name} {s:.2f} s" for s, name in b["top_ops"]))
 
 
+def add_sequence_arguments(parser: argparse.ArgumentParser, micro_batch_tokens: int) -> None:
+    """The model and the sequence set of a step benchmark: ``--model``, ``--sequences``, ``--min-len``, ``--max-len``
+    and ``--micro-batch-tokens`` (default ``micro_batch_tokens``)."""
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--min-len", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--micro-batch-tokens", type=int, default=micro_batch_tokens,
+                        help="data.max_tokens_per_micro_batch")
+
+
+def sequence_arguments(args: argparse.Namespace) -> list[str]:
+    """:func:`add_sequence_arguments`' options as parsed, for a row's child process."""
+    return ["--model", args.model, "--sequences", str(args.sequences), "--min-len", str(args.min_len),
+            "--max-len", str(args.max_len), "--micro-batch-tokens", str(args.micro_batch_tokens)]
+
+
 def model_flops(policy: torch.nn.Module, lengths: list[int]) -> float:
     config = policy.config
     weights = sum(i * o for i, o in linear_shapes(policy))
@@ -167,11 +184,7 @@ def run_row(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--min-len", type=int, default=64)
-    parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--micro-batch-tokens", type=int, default=1024, help="data.max_tokens_per_micro_batch")
+    add_sequence_arguments(parser, micro_batch_tokens=1024)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--rows", default="fp32,fp32-full-logits,bf16-mixed,bf16")
     parser.add_argument("--peak-dtypes", default="float32,bfloat16",
@@ -187,9 +200,7 @@ def main() -> None:
     for row in args.rows.split(","):
         if row not in ROWS:
             parser.error(f"--rows: unknown row {row!r}; options: {', '.join(ROWS)}")
-        cmd = ["--row", row, "--model", args.model, "--sequences", str(args.sequences),
-               "--min-len", str(args.min_len), "--max-len", str(args.max_len),
-               "--micro-batch-tokens", str(args.micro_batch_tokens), "--steps", str(args.steps)]
+        cmd = ["--row", row, *sequence_arguments(args), "--steps", str(args.steps)]
         cmd += ["--profile"] if args.profile else []
         results.append(row_in_fresh_process(__file__, cmd))
     shapes = [tuple(s) for s in results[0]["linear_shapes"]]
