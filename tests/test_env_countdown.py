@@ -9,7 +9,7 @@ import pytest
 
 from r3l_lightning.envs.answer_format import extract_answer
 from r3l_lightning.envs.base import Task
-from r3l_lightning.envs.countdown import CountdownEnv, CountdownTasks, InvalidEquation, evaluate_expression
+from r3l_lightning.envs.countdown import CountdownEnv, CountdownTasks, InvalidEquation, evaluate_expression, solve
 
 
 def solvable(numbers: list[int], target: int) -> bool:
@@ -181,3 +181,66 @@ def test_bound_operands_gives_each_task_its_own_grammar():
     assert CountdownEnv(response_format="answer").response_constraint(two) is None
     with pytest.raises(ValueError, match="constrain_answer: true"):
         CountdownEnv(response_format="answer", bound_operands=True)
+
+
+def test_balanced_tasks_split_evenly_over_the_four_operators_with_no_sum_shortcut():
+    tasks = CountdownTasks(size=64, seed=1, min_numbers=2, max_numbers=2, max_value=10, max_target=50,
+                           operators="balanced")
+    payloads = [tasks[i].payload for i in range(64)]
+    assert [p["operator"] for p in payloads[:8]] == ["+", "-", "*", "/"] * 2  # task i: OPERATORS[i % 4]
+    assert sorted(p["operator"] for p in payloads).count("*") == 16
+    for op in "+-*/":
+        assert sum(p["operator"] == op for p in payloads) == 16
+    apply = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+             "/": lambda a, b: Fraction(a, b)}
+    for p in payloads:
+        a, b = p["numbers"]
+        assert apply[p["operator"]](a, b) == p["target"], p  # the numbers, in order, with the task's operator
+        assert 1 <= p["target"] <= 50 and max(a, b) <= 10
+        if p["operator"] != "+":
+            assert p["target"] != a + b, p  # `a + b` never solves a -, * or / task
+        if p["operator"] in "*/":
+            assert 1 not in (a, b), p
+    # the default generator is unchanged (no operator in the payload) and is not balanced
+    plain = CountdownTasks(size=64, seed=1, min_numbers=2, max_numbers=2, max_value=10, max_target=50)
+    assert "operator" not in plain[0].payload
+    assert sum(p["numbers"][0] + p["numbers"][1] == p["target"]
+               for p in (plain[i].payload for i in range(64))) > 16
+
+
+def test_balanced_tasks_with_more_numbers_end_with_their_operator():
+    tasks = CountdownTasks(size=40, seed=5, min_numbers=3, max_numbers=4, max_value=10, max_target=100,
+                           operators="balanced")
+    for i in range(40):
+        p = tasks[i].payload
+        assert p["operator"] == "+-*/"[i % 4] and solvable(p["numbers"], p["target"]), p
+        if p["operator"] != "+":
+            assert p["target"] != sum(p["numbers"]), p
+
+
+def test_balanced_tasks_that_cannot_fit_the_bounds_say_which_setting_to_raise():
+    with pytest.raises(ValueError, match="max_target"):
+        CountdownTasks(size=4, min_numbers=2, max_numbers=2, max_value=2, max_target=1, operators="balanced")[2]
+    with pytest.raises(ValueError, match="operators"):
+        CountdownTasks(operators="even")
+
+
+@pytest.mark.parametrize("numbers, target, expected", [
+    ([3, 5], 8, "3 + 5"), ([9, 6], 3, "9 - 6"), ([6, 3], 2, "6 / 3"), ([3, 5, 2], 16, "(3 + 5) * 2"),
+    ([1, 1], 5, None), ([2, 3], 7, None),
+])
+def test_solve_finds_an_equation_the_checker_accepts_or_none(numbers, target, expected):
+    equation = solve(numbers, target)
+    assert equation == expected
+    if equation is not None:
+        value, used = evaluate_expression(equation)
+        assert value == target and sorted(used) == sorted(numbers)
+
+
+def test_solve_agrees_with_brute_force_on_every_small_task():
+    for numbers in itertools.product(range(1, 6), repeat=2):
+        for target in range(1, 26):
+            assert (solve(list(numbers), target) is not None) == solvable(list(numbers), target), (numbers, target)
+    equation = solve([4, 7, 3, 9], 24)
+    value, used = evaluate_expression(equation)
+    assert value == 24 and sorted(used) == [3, 4, 7, 9]

@@ -114,3 +114,68 @@ def test_explorer_asks_the_engine_for_one_schema_per_reflection(tiny_chat):
     assert all(c is None for c in free.constraints)
     with pytest.raises(ValueError, match="reflection_decoding"):
         R3LExplorer(reflection_decoding="grammar")
+
+
+# ----- grounded fields (reflection_schema: grounded) -----------------------------------------------------------
+from r3l_lightning.envs.base import GroundedField  # noqa: E402
+from r3l_lightning.explore.reflection import guidance_text  # noqa: E402
+
+# the corrected action at the pivot, one of the admissible actions at that step (ALFWorld / ScienceWorld style)
+ACTION = GroundedField("corrected_action", "the action to take at the pivot step instead",
+                       ({"type": "string", "enum": ["go north", "take key"]},
+                        {"type": "string", "enum": ["open door", "go south"]}),
+                       "At step {step}, take this action: {value}")
+EQUATION = GroundedField("equation_to_try", "an equation to answer next",
+                         ({"type": "string", "pattern": r"^\(*(5|3)\)*( [-+*/] \(*(5|3)\)*){1}$"},),
+                         "Answer with this equation: {value}")
+
+
+def grounded_report(step, action, outcome="failure", suggestion="open the door first"):
+    fields = json.loads(report(outcome=outcome, step=step, suggestion=suggestion))
+    fields["corrected_action"] = action
+    return json.dumps(fields)
+
+
+@pytest.mark.parametrize("step, action, valid", [
+    (0, "go north", True), (0, "take key", True), (1, "open door", True),
+    (0, "open door", False),  # admissible at step 1, not at the chosen pivot 0
+    (1, "take key", False), (1, "dance", False),
+])
+def test_a_grounded_action_is_constrained_to_the_admissible_actions_at_the_chosen_pivot(step, action, valid):
+    schema = report_schema(2, 0.0, grounded=[ACTION])
+    text = grounded_report(step, action)
+    assert accepts(schema, text) == valid
+    reflection, reason = parse_reflection(text, 2, grounded=[ACTION])  # the parser applies the same rule
+    assert (reflection is not None) == valid
+    if valid:
+        assert reflection.grounded == {"corrected_action": action} and reflection.retry_from_step == step
+    else:
+        assert reason == "grounded_value_not_admissible"
+
+
+def test_a_grounded_field_is_required_and_null_in_a_success_report():
+    without = report(step=0)  # the paper's fields only
+    assert not accepts(report_schema(2, 0.0, grounded=[ACTION]), without)
+    assert parse_reflection(without, 2, grounded=[ACTION]) == (None, "missing_field")
+    success = json.loads(report(outcome="success", step=None, suggestion=None))
+    assert not accepts(report_schema(2, 1.0, grounded=[ACTION]), json.dumps(success))
+    success["corrected_action"] = None
+    assert accepts(report_schema(2, 1.0, grounded=[ACTION]), json.dumps(success))
+    assert parse_reflection(json.dumps(success), 2, grounded=[ACTION])[0].grounded == {}
+
+
+def test_a_step_independent_grounded_field_keeps_one_branch_and_checks_its_pattern():
+    schema = report_schema(2, 0.0, grounded=[EQUATION])
+    assert "anyOf" not in schema and list(schema["properties"])[-2:] == ["retry_from_step", "equation_to_try"]
+    fields = json.loads(report(step=1))
+    for equation, valid in (("5 * 3", True), ("(5 - 3)", True), ("5 * 4", False), ("5 * 3 * 3", False)):
+        fields["equation_to_try"] = equation
+        assert accepts(schema, json.dumps(fields)) == valid, equation
+        assert (parse_reflection(json.dumps(fields), 2, grounded=[EQUATION])[0] is not None) == valid, equation
+
+
+def test_the_retry_guidance_ends_with_each_grounded_value():
+    reflection, _ = parse_reflection(grounded_report(1, "open door"), 2, grounded=[ACTION])
+    text = guidance_text(reflection, "Review: {report}", grounded=[ACTION])
+    assert text.startswith("Review: {") and text.endswith("\nAt step 1, take this action: open door")
+    assert guidance_text(reflection, "Review: {report}") == text.split("\n" + "At step")[0]  # paper: the report only

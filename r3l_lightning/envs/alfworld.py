@@ -39,7 +39,8 @@ from r3l_lightning.envs.alfworld_games import (
     ensure_generated,
     normalize_task_type,
 )
-from r3l_lightning.envs.base import Environment, Episode, StepResult, Task, TaskSource
+from r3l_lightning.envs.base import Environment, Episode, GroundedField, StepResult, Task, TaskSource
+from r3l_lightning.trajectory import Trajectory
 
 __all__ = [
     "ALFWORLD_SYSTEM_PROMPT",
@@ -274,6 +275,10 @@ class AlfWorldEpisode(Episode):
             info["outcome"] = self.outcome
         return StepResult(self._format(text), 1.0 if self.won else 0.0, self.done, info)
 
+    def admissible_actions(self) -> list[str] | None:
+        """The engine's admissible commands in the current state."""
+        return None if self.done else list(self.admissible)
+
     def feedback(self) -> str:
         if self.outcome == "success":
             head = f"Success: the task was completed in {self.turns} steps (reward 1)."
@@ -312,3 +317,45 @@ class AlfWorldEnv(Environment):
 
     def make_episode(self, task: Task) -> AlfWorldEpisode:
         return AlfWorldEpisode(task, self)
+
+    def grounded_fields(self, task: Task, trajectory: Trajectory) -> list[GroundedField]:
+        """``corrected_action``: the action to take at the pivot step instead of the agent's, one of the engine's
+        admissible commands at that step."""
+        listed = (trajectory.info.get("admissible") or [])[: trajectory.num_turns]
+        if len(listed) < trajectory.num_turns or not all(listed):
+            return []  # a trajectory without its admissible commands (replayed, or recorded before them)
+        return [GroundedField("corrected_action", "the admissible action to take at that step instead of the agent's",
+                              tuple({"type": "string", "enum": list(a)} for a in listed),
+                              "At step {step}, take this action: {value}")]
+
+    def reference_report(self, task: Task, trajectory: Trajectory) -> dict | None:
+        """A report from the game's walkthrough (the expert plan stored in the game file; generated games always
+        have one): the pivot is the first step where the agent's command left the plan. None for a won
+        trajectory, a game without a walkthrough, or one that followed the plan throughout."""
+        if trajectory.reward >= 1 or trajectory.num_turns == 0:
+            return None
+        plan = _walkthrough(task.payload["game_file"])
+        taken = [parse_action(a) for a in trajectory.actions]
+        pivot = next((k for k, (a, g) in enumerate(zip(taken, plan)) if a != g), None)
+        if pivot is None or pivot >= trajectory.num_turns:
+            return None
+        rest = "; ".join(plan[pivot : pivot + 6]) + ("; ..." if len(plan) > pivot + 6 else "")
+        return {
+            "trajectory_summary": (f"The agent took {trajectory.num_turns} actions without completing the task; "
+                                   f"its first {pivot} actions follow a solution."),
+            "root_cause_analysis": (f"At step {pivot} the agent did {taken[pivot]!r}, which leaves the solution: "
+                                    f"the task needed {plan[pivot]!r} next."),
+            "trajectory_outcome": "failure",
+            "improvement_suggestion": f"From step {pivot}, act: {rest}",
+            "retry_from_step": pivot,
+            "corrected_action": plan[pivot],
+        }
+
+
+def _walkthrough(game_file: str) -> list[str]:
+    """The expert plan of a game file (its ``walkthrough``), or [] when it has none."""
+    try:
+        return [str(c) for c in json.loads(Path(game_file).read_text()).get("walkthrough") or []]
+    except (OSError, ValueError):
+        return []
+

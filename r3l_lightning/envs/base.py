@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r3l_lightning.engines.constraints import Constraint
+from r3l_lightning.trajectory import Trajectory
 
 
 @dataclass
@@ -25,6 +26,26 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GroundedField:
+    """A report field an environment adds to the reflection schema (``reflection_schema: grounded``), whose
+    value a retry can act on: the equation to try, the corrected action at the pivot, the corrected value.
+
+    ``schemas`` is the JSON schema of the value: one entry for every pivot, or one per step of the trajectory
+    (entry k applies when the report's ``retry_from_step`` is k, e.g. the admissible actions at step k).
+    ``description`` tells the reflector what to write (outside the JSON, so there is no placeholder to copy);
+    ``guidance`` is the line the retry's guidance gains, with ``{value}`` and ``{step}`` filled in.
+    """
+
+    name: str
+    description: str
+    schemas: tuple[dict, ...]
+    guidance: str
+
+    def schema_at(self, step: int) -> dict:
+        return self.schemas[0] if len(self.schemas) == 1 else self.schemas[step]
+
+
 class Episode(ABC):
     """One running episode of one task (owns the simulator state)."""
 
@@ -39,6 +60,11 @@ class Episode(ABC):
     @abstractmethod
     def feedback(self) -> str:
         """The final outcome text shown to the reflection (after ``done``)."""
+
+    def admissible_actions(self) -> list[str] | None:
+        """The actions the environment accepts now, where it lists them (ALFWorld's admissible commands); None
+        when any text is an action. Recorded per turn in ``trajectory.info["admissible"]`` for grounded fields."""
+        return None
 
     def reflection_hint(self) -> str:
         """Extra, environment-specific context for the reflection (e.g. the reference final answer)."""
@@ -87,6 +113,16 @@ class Environment(ABC):
     def response_constraint(self, task: Task) -> Constraint | None:
         """A grammar every response of an episode of ``task`` is decoded under, in training and evaluation
         alike (``None``, the default: free text)."""
+        return None
+
+    def grounded_fields(self, task: Task, trajectory: Trajectory) -> list[GroundedField]:
+        """Fields the reflection on ``trajectory`` gains under ``reflection_schema: grounded`` (none by default)."""
+        return []
+
+    def reference_report(self, task: Task, trajectory: Trajectory) -> dict | None:
+        """The reflection report on ``trajectory`` written from the task's known solution, for the ``reference``
+        reflector: every field of the paper's schema, and the values of :meth:`grounded_fields`; ``None`` when
+        this environment (or this task) knows no solution, or the trajectory needs no retry."""
         return None
 
 

@@ -17,8 +17,9 @@ from fractions import Fraction
 from typing import Literal
 
 from r3l_lightning.engines.constraints import Constraint
-from r3l_lightning.envs.answer_format import FORMAT_INSTRUCTIONS, AttemptEpisode
-from r3l_lightning.envs.base import Environment, Episode, Task, TaskSource
+from r3l_lightning.envs.answer_format import FORMAT_INSTRUCTIONS, AttemptEpisode, extract_answer
+from r3l_lightning.envs.base import Environment, Episode, GroundedField, Task, TaskSource
+from r3l_lightning.trajectory import Trajectory
 
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.Div: lambda a, b: a / b}
@@ -95,22 +96,37 @@ def evaluate_expression(expression: str) -> tuple[Fraction, list[int]]:
     return visit(tree.body), numbers
 
 
+OPERATORS: tuple[str, ...] = ("+", "-", "*", "/")
+
+
 class CountdownTasks(TaskSource):
     """Seeded Countdown tasks: ``min_numbers``–``max_numbers`` numbers in [1, ``max_value``] and a
     target in [1, ``max_target``] reachable by combining all of them.
+
+    ``operators``:
+
+    - ``any``: the numbers are folded, in a random order, with random operations (a target that is the
+      sum of the numbers is common: ``a + b`` then solves many tasks);
+    - ``balanced``: task ``i`` is built with ``OPERATORS[i % 4]`` (+ − × ÷) as its last operation, so the
+      four operators each make a quarter of the tasks, and a target built with − × or ÷ is never the sum of
+      the numbers (no one-operator shortcut). Its numbers never include 1 as an operand of × or ÷ (``a * 1``
+      and ``a / 1`` would be the number itself). The payload names the operator (``"operator"``).
 
     Task ``i`` depends on (``seed``, ``i``) alone, so any index is generated on demand.
     """
 
     def __init__(self, size: int = 10000, seed: int = 0, min_numbers: int = 3, max_numbers: int = 4,
-                 max_value: int = 20, max_target: int = 100) -> None:
+                 max_value: int = 20, max_target: int = 100, operators: Literal["any", "balanced"] = "any") -> None:
         if not 2 <= min_numbers <= max_numbers:
             raise ValueError("need 2 <= min_numbers <= max_numbers")
-        if max_value < 1 or max_target < 1:
-            raise ValueError("max_value and max_target must be >= 1")
+        if max_value < 2 or max_target < 1:
+            raise ValueError("need max_value >= 2 and max_target >= 1")
+        if operators not in ("any", "balanced"):
+            raise ValueError(f"operators must be 'any' or 'balanced', got {operators!r}")
         self.size, self.seed = size, seed
         self.min_numbers, self.max_numbers = min_numbers, max_numbers
         self.max_value, self.max_target = max_value, max_target
+        self.operators = operators
 
     def __len__(self) -> int:
         return self.size
@@ -119,12 +135,21 @@ class CountdownTasks(TaskSource):
         if not 0 <= index < self.size:
             raise IndexError(f"task {index} out of range [0, {self.size})")
         rng = random.Random(f"countdown-{self.seed}-{index}")
-        while True:
+        operator = OPERATORS[index % len(OPERATORS)] if self.operators == "balanced" else None
+        for _ in range(100_000):
             count = rng.randint(self.min_numbers, self.max_numbers)
             numbers = [rng.randint(1, self.max_value) for _ in range(count)]
-            target = _combine(numbers, rng)
-            if target.denominator == 1 and 1 <= target <= self.max_target:
+            target = _combine(numbers, rng) if operator is None else _combine_ending_with(numbers, operator, rng)
+            if target is None or target.denominator != 1 or not 1 <= target <= self.max_target:
+                continue
+            if operator is None:
                 return Task(f"countdown-{self.seed}-{index}", {"numbers": numbers, "target": int(target)})
+            if operator != "+" and target == sum(numbers):
+                continue
+            return Task(f"countdown-{self.seed}-{index}",
+                        {"numbers": numbers, "target": int(target), "operator": operator})
+        raise ValueError(f"no Countdown task with last operation {operator!r} fits max_value={self.max_value}, "
+                         f"max_target={self.max_target} (task {index}): raise max_target or max_value")
 
 
 def _combine(numbers: list[int], rng: random.Random) -> Fraction:
@@ -133,9 +158,60 @@ def _combine(numbers: list[int], rng: random.Random) -> Fraction:
     rng.shuffle(order)
     value = Fraction(order[0])
     for n in order[1:]:
-        results = [value + n, value - n, value * n, value / n]
-        value = rng.choice([r for r in results if r >= 0 and r.denominator == 1])
+        value = rng.choice([r for r in _results(value, n) if r >= 0 and r.denominator == 1])
     return value
+
+
+def _combine_ending_with(numbers: list[int], operator: str, rng: random.Random) -> Fraction | None:
+    """Fold all numbers but the last with :func:`_combine`, then apply ``operator`` with the last one; None
+    when that last operation is not a positive integer, or multiplies or divides by 1."""
+    *first, last = numbers
+    value = _combine(first, rng) if len(first) > 1 else Fraction(first[0])
+    if operator in "*/" and 1 in (value, last):
+        return None
+    result = _results(value, last)[OPERATORS.index(operator)]
+    return result if result > 0 and result.denominator == 1 else None
+
+
+def _results(value: Fraction, n: int) -> list[Fraction]:
+    """``value`` combined with ``n`` by each of :data:`OPERATORS`, in their order."""
+    return [value + n, value - n, value * n, value / n]
+
+
+def solve(numbers: list[int], target: int) -> str | None:
+    """An equation that uses every number once and equals ``target``, or None when there is none.
+
+    Exhaustive search over every split of the numbers into two groups, combined with + − × ÷ in exact
+    fractions (any order, any bracketing). The equation is written as the bounded answer grammar accepts it:
+    single spaces around operators, brackets around every compound operand (``(3 + 5) * 2``).
+    """
+    goal = Fraction(target)
+
+    def expressions(items: tuple[int, ...]):
+        if len(items) == 1:
+            yield Fraction(items[0]), str(items[0]), True
+            return
+        seen: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+        n = len(items)
+        for mask in range(1, 2**n - 1):
+            left = tuple(items[i] for i in range(n) if mask >> i & 1)
+            right = tuple(items[i] for i in range(n) if not mask >> i & 1)
+            key = (tuple(sorted(left)), tuple(sorted(right)))
+            if key in seen:
+                continue
+            seen.add(key)
+            for a, text_a, atom_a in expressions(left):
+                for b, text_b, atom_b in expressions(right):
+                    ta = text_a if atom_a else f"({text_a})"
+                    tb = text_b if atom_b else f"({text_b})"
+                    for symbol, value in zip(OPERATORS, (a + b, a - b, a * b, a / b if b else None)):
+                        if value is not None:
+                            yield value, f"{ta} {symbol} {tb}", False
+
+    for value, text, _ in expressions(tuple(numbers)):
+        if value == goal:
+            return text
+    return None
 
 
 class CountdownEpisode(AttemptEpisode):
@@ -222,3 +298,64 @@ class CountdownEnv(Environment):
         if self.bound_operands:
             return Constraint(grammar=answer_grammar(len(task.payload["numbers"])))
         return Constraint(grammar=ANSWER_GRAMMAR)
+
+    def grounded_fields(self, task: Task, trajectory: Trajectory) -> list[GroundedField]:
+        """``equation_to_try``: an equation over the task's numbers (as many as the task gives, each one of
+        them), to be answered next."""
+        return [GroundedField(
+            "equation_to_try",
+            "an equation over the given numbers, not one that already failed, that equals the target",
+            ({"type": "string", "pattern": equation_pattern(task.payload["numbers"])},),
+            "Answer with this equation: {value}",
+        )]
+
+    def reference_report(self, task: Task, trajectory: Trajectory) -> dict | None:
+        """A report from :func:`solve`'s equation: what the answers evaluated to, which operators the
+        solution needs, and the solution itself (also as ``equation_to_try``); the pivot is step 0 (the first
+        answer's strategy). None for a solved trajectory."""
+        numbers, target = task.payload["numbers"], task.payload["target"]
+        if trajectory.reward >= 1 or trajectory.num_turns == 0:
+            return None
+        solution = solve(numbers, target)
+        if solution is None:
+            return None
+        answers = [extract_answer(a) for a in trajectory.actions]
+        shown = [_describe(a) for a in answers]
+        needed = sorted({_OPERATOR_NAMES[ch] for ch in solution if ch in _OPERATOR_NAMES})
+        return {
+            "trajectory_summary": f"The agent answered {'; then '.join(shown)}. None of these equals {target}.",
+            "root_cause_analysis": (f"{shown[0]} misses the target {target}: with {numbers} the target needs "
+                                    f"{' and '.join(needed)}, which the first answer did not use that way."),
+            "trajectory_outcome": "failure",
+            "improvement_suggestion": f"Write {solution}: it uses {_listing(numbers)} once each and equals {target}.",
+            "retry_from_step": 0,
+            "equation_to_try": solution,
+        }
+
+
+_OPERATOR_NAMES = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
+
+
+def _describe(answer: str | None) -> str:
+    if answer is None:
+        return "no equation in an answer tag"
+    try:
+        value, _ = evaluate_expression(_TRAILING_RESULT.sub("", answer))
+    except InvalidEquation:
+        return f"{answer} (not a valid equation)"
+    shown = str(value) if value.denominator == 1 else f"{float(value):.3g}"
+    return f"{answer} (= {shown})"
+
+
+def _listing(numbers: list[int]) -> str:
+    return ", ".join(str(n) for n in numbers[:-1]) + f" and {numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
+
+
+def equation_pattern(numbers: list[int]) -> str:
+    """A regular expression (JSON-schema ``pattern``) of equations with as many numbers as ``numbers``, each one
+    of them, joined by + − × ÷ with single spaces, brackets allowed (their balance and each number's count are
+    left to the checker)."""
+    choice = "(" + "|".join(str(n) for n in sorted(set(numbers), reverse=True)) + ")"
+    operand = rf"\(*{choice}\)*"
+    return "^" + operand + rf"( [-+*/] {operand})" + "{" + str(len(numbers) - 1) + "}$"
+

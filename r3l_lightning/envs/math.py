@@ -14,8 +14,9 @@ from typing import Literal
 
 from math_verify import parse, verify
 
-from r3l_lightning.envs.answer_format import FORMAT_INSTRUCTIONS, AttemptEpisode
-from r3l_lightning.envs.base import Environment, Episode, Task, TaskSource
+from r3l_lightning.envs.answer_format import FORMAT_INSTRUCTIONS, AttemptEpisode, extract_answer
+from r3l_lightning.envs.base import Environment, Episode, GroundedField, Task, TaskSource
+from r3l_lightning.trajectory import Trajectory
 
 AnswerFormat = Literal["plain", "gsm8k", "boxed"]
 _FILE_TYPES = (".jsonl", ".json", ".parquet")
@@ -95,10 +96,12 @@ class MathTasks(TaskSource):
         question_field, answer_field: column names of the problem and of its reference answer.
         answer_format: ``gsm8k`` (text after ``####``), ``boxed`` (last ``\\boxed{}``) or ``plain``.
         split: split of an HF dataset. limit: keep the first ``limit`` rows.
+        solution_field: a column with a worked solution, kept for the ``reference`` reflector (optional).
     """
 
     def __init__(self, path: str, question_field: str = "question", answer_field: str = "answer",
-                 answer_format: AnswerFormat = "plain", split: str = "train", limit: int | None = None) -> None:
+                 answer_format: AnswerFormat = "plain", split: str = "train", limit: int | None = None,
+                 solution_field: str | None = None) -> None:
         source = Path(path).expanduser()
         if source.suffix in _FILE_TYPES and not source.is_file():
             raise FileNotFoundError(f"no such data file: {source}")
@@ -115,7 +118,10 @@ class MathTasks(TaskSource):
             if not answer:
                 raise ValueError(f"{location}: no final answer in {answer_field!r} for answer_format={answer_format!r}")
             task_id = f"{source.stem}-{len(self.tasks)}"
-            self.tasks.append(Task(task_id, {"question": str(row[question_field]).strip(), "answer": answer}))
+            payload = {"question": str(row[question_field]).strip(), "answer": answer}
+            if solution_field is not None and str(row.get(solution_field) or "").strip():
+                payload["solution"] = str(row[solution_field]).strip()  # for the reference reflector
+            self.tasks.append(Task(task_id, payload))
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -176,3 +182,34 @@ class MathEnv(Environment):
 
     def make_episode(self, task: Task) -> Episode:
         return MathEpisode(task, self.max_turns, self.end_on_invalid_format, self.reveal)
+
+    def grounded_fields(self, task: Task, trajectory: Trajectory) -> list[GroundedField]:
+        """``first_wrong_step`` (the first wrong step of the reasoning, quoted or described) and ``corrected_value``
+        (what that step should have given)."""
+        return [
+            GroundedField("first_wrong_step", "the first step of the reasoning that is wrong",
+                          ({"type": "string", "minLength": 1, "maxLength": 160},), "The first wrong step: {value}"),
+            GroundedField("corrected_value", "the value that step should have given",
+                          ({"type": "string", "minLength": 1, "maxLength": 60},), "It should give: {value}"),
+        ]
+
+    def reference_report(self, task: Task, trajectory: Trajectory) -> dict | None:
+        """A report from the reference final answer (and the reference solution, where the data has one): the
+        pivot is the first attempt, whose final answer is the first wrong step we can point at."""
+        if trajectory.reward >= 1 or trajectory.num_turns == 0:
+            return None
+        reference = task.payload["answer"]
+        answers = [extract_answer(a) or "(no answer)" for a in trajectory.actions]
+        solution = task.payload.get("solution")
+        suggestion = f"The correct final answer is {reference}."
+        if solution:
+            suggestion += f" A correct solution: {solution}"
+        return {
+            "trajectory_summary": f"The agent answered {', then '.join(answers)}; the task was not solved.",
+            "root_cause_analysis": f"The first answer, {answers[0]}, is not the reference answer {reference}.",
+            "trajectory_outcome": "failure",
+            "improvement_suggestion": suggestion,
+            "retry_from_step": 0,
+            "first_wrong_step": f"the final answer {answers[0]}",
+            "corrected_value": reference,
+        }

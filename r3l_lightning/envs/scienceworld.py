@@ -63,7 +63,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from r3l_lightning.envs.base import Environment, Episode, StepResult, Task, TaskSource
+from r3l_lightning.envs.base import Environment, Episode, GroundedField, StepResult, Task, TaskSource
+from r3l_lightning.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,11 @@ ACTION_TEMPLATES: dict[str, str] = {
     "wait1": "let 1 time step pass",
 }
 
+
+# Any command built from ACTION_TEMPLATES, objects and rooms as lower-case words.
+_TEMPLATE_PATTERN = "^(" + "|".join(
+    re.escape(t).replace("OBJ", "[a-z0-9][a-z0-9 ]*").replace("LOC", "[a-z0-9][a-z0-9 ]*")
+    for t in ACTION_TEMPLATES) + ")$"
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -420,6 +426,7 @@ class ScienceWorldEpisode(Episode):
         self.last_observation = ""
         self.task_description = ""
         self.end_reason = ""
+        self.valid_actions: list[str] | None = None  # listed in the last observation (show_valid_actions)
 
     def _lease(self) -> None:
         if self._jvm is not None and not self._jvm.alive():
@@ -471,8 +478,12 @@ class ScienceWorldEpisode(Episode):
     def _format(self, observation: str) -> str:
         if not self.show_valid_actions:
             return observation
-        valid = sorted({str(a) for a in self._call("getValidActionObjectCombinations")})
-        return f"{observation}\n\nValid actions: {', '.join(valid)}"
+        self.valid_actions = sorted({str(a) for a in self._call("getValidActionObjectCombinations")})
+        return f"{observation}\n\nValid actions: {', '.join(self.valid_actions)}"
+
+    def admissible_actions(self) -> list[str] | None:
+        """The valid actions listed in the current observation (``show_valid_actions``), else None."""
+        return None if self.done else self.valid_actions
 
     def _finish(self, observation: str, reward: float, info: dict[str, Any], reason: str) -> StepResult:
         self.done, self.reward, self.end_reason = True, reward, reason
@@ -569,6 +580,7 @@ class ScienceWorldEnv(Environment):
         self.resolve_ambiguity = resolve_ambiguity
         self.step_timeout_s = step_timeout_s
         self._pool = _JVMPool(max_jvms, java_options, step_timeout_s)
+        self._gold_cache: dict[str, list[str]] = {}
         self._finalizer = weakref.finalize(self, _JVMPool.close, self._pool)
 
     def system_prompt(self) -> str:
@@ -590,6 +602,50 @@ class ScienceWorldEnv(Environment):
 
     def make_episode(self, task: Task) -> ScienceWorldEpisode:
         return ScienceWorldEpisode(self, task)
+
+    def grounded_fields(self, task: Task, trajectory: Trajectory) -> list[GroundedField]:
+        """``corrected_action``: the action to take at the pivot step instead of the agent's; one of the valid
+        actions listed at that step (``show_valid_actions``), otherwise any command of the action templates."""
+        listed = trajectory.info.get("admissible") or []
+        if len(listed) >= trajectory.num_turns and all(listed[: trajectory.num_turns]):
+            schemas = tuple({"type": "string", "enum": list(actions)} for actions in listed[: trajectory.num_turns])
+        else:
+            schemas = ({"type": "string", "pattern": _TEMPLATE_PATTERN},)
+        return [GroundedField("corrected_action", "the action to take at that step instead of the agent's",
+                              schemas, "At step {step}, take this action: {value}")]
+
+    def reference_report(self, task: Task, trajectory: Trajectory) -> dict | None:
+        """A report from the simulator's gold action sequence: the pivot is the first step where the agent's action
+        left the gold path, the corrected action is the gold one, and the suggestion gives the gold actions from
+        there. None for a completed trajectory, one that followed the gold path throughout, or a task whose gold
+        sequence cannot be generated."""
+        if trajectory.reward >= 1 or trajectory.num_turns == 0:
+            return None
+        try:
+            gold = self._gold(task)
+        except (SimulatorError, ValueError) as err:
+            log.warning("no gold path for %s: %r", task.task_id, err)
+            return None
+        taken = [parse_action(a) or "" for a in trajectory.actions]
+        pivot = next((k for k, (a, g) in enumerate(zip(taken, gold)) if a != g), None)
+        if pivot is None or pivot >= trajectory.num_turns:
+            return None
+        plan = "; ".join(gold[pivot : pivot + 6]) + ("; ..." if len(gold) > pivot + 6 else "")
+        return {
+            "trajectory_summary": (f"The agent took {trajectory.num_turns} actions and ended with reward "
+                                   f"{trajectory.reward:g}; its first {pivot} actions follow a solution."),
+            "root_cause_analysis": (f"At step {pivot} the agent did {taken[pivot]!r}, which leaves the solution: "
+                                    f"the task needed {gold[pivot]!r} next."),
+            "trajectory_outcome": "failure",
+            "improvement_suggestion": f"From step {pivot}, act: {plan}",
+            "retry_from_step": pivot,
+            "corrected_action": gold[pivot],
+        }
+
+    def _gold(self, task: Task) -> list[str]:
+        if task.task_id not in self._gold_cache:
+            self._gold_cache[task.task_id] = self.gold_actions(task)
+        return self._gold_cache[task.task_id]
 
     def gold_actions(self, task: Task) -> list[str]:
         """The simulator's gold action sequence for ``task`` (generation can take seconds; it is

@@ -153,6 +153,8 @@ def run_episodes(
             stepping.append(state)
         if not stepping:
             continue
+        for state in stepping:
+            _record_admissible(state)
         constraints = [ctx.env.response_constraint(state.task) for state in stepping]
         outputs = ctx.generate(prompts, params, token_key.removeprefix("tokens_"), constraints)
         for state, (completion,) in zip(stepping, outputs):
@@ -177,6 +179,21 @@ def run_episodes(
                 continue
             state.trajectory.observations.append(result.observation)
             state.messages.append(Message("user", result.observation))
+
+
+def _record_admissible(state: EpisodeState) -> None:
+    """Append the actions the environment admits at this turn to ``trajectory.info["admissible"]`` (one entry per
+    turn, None where it lists none) once any turn has a list: grounded reflection fields are constrained to them."""
+    try:
+        actions = state.episode.admissible_actions()
+    except Exception:  # noqa: BLE001 - a listing that fails only loses the constraint, never the episode
+        actions = None
+    listed = state.trajectory.info.get("admissible")
+    if actions is None and listed is None:
+        return
+    if listed is None:
+        listed = state.trajectory.info["admissible"] = [None] * state.turns  # turns replayed before: unknown
+    listed.append(None if actions is None else list(actions))
 
 
 def _safe_feedback(state: EpisodeState) -> str:

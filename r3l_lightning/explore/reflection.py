@@ -5,9 +5,12 @@ decoded under, the report's parser, and the guidance a retry receives (the promp
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
+from r3l_lightning.envs.base import GroundedField
 from r3l_lightning.prompts import GUIDANCE_TEMPLATE, REFLECTION_REQUEST, REFLECTION_SYSTEM_PROMPT, fill
 from r3l_lightning.trajectory import Message, Trajectory
 
@@ -22,7 +25,8 @@ FIELDS: tuple[str, ...] = (
 )
 
 
-def report_schema(num_turns: int, reward: float, max_reward: float = 1.0, max_chars: int = 200) -> dict:
+def report_schema(num_turns: int, reward: float, max_reward: float = 1.0, max_chars: int = 200,
+                  grounded: Sequence[GroundedField] = ()) -> dict:
     """JSON schema of a report that :func:`parse_reflection` accepts for this trajectory.
 
     It encodes the report's rules so that a constrained decoder can only write a valid report:
@@ -33,16 +37,20 @@ def report_schema(num_turns: int, reward: float, max_reward: float = 1.0, max_ch
     - the outcome is limited by the reward: below ``max_reward`` it is ``failure`` (a trajectory that did not
       reach the task's maximum reward cannot be called a success, efficient or not); at ``max_reward`` it is
       ``success`` or ``success_but_inefficient`` (the latter asks for a retry, like a failure);
-    - free-text fields hold 1 to ``max_chars`` characters, so that the report fits the token budget.
+    - free-text fields hold 1 to ``max_chars`` characters, so that the report fits the token budget;
+    - ``grounded`` fields (``reflection_schema: grounded``) follow ``retry_from_step``, each under its own schema
+      at the chosen pivot (one branch per pivot when a field's schema depends on the step, e.g. the admissible
+      actions at that step), and are null in a ``success`` report.
     """
     if num_turns < 1:
         raise ValueError(f"a report needs a trajectory with at least one step, got num_turns={num_turns}")
     if max_chars < 1:
         raise ValueError(f"max_chars must be >= 1, got {max_chars}")
     text = {"type": "string", "minLength": 1, "maxLength": max_chars}
-    steps = {"type": "integer", "enum": list(range(num_turns))}
+    null = {"type": "null"}
+    names = list(FIELDS) + [g.name for g in grounded]
 
-    def report(outcome: str, root_cause: dict, suggestion: dict, step: dict) -> dict:
+    def report(outcome: str, root_cause: dict, suggestion: dict, step: dict, extra: dict) -> dict:
         return {
             "type": "object",
             "properties": {
@@ -51,17 +59,24 @@ def report_schema(num_turns: int, reward: float, max_reward: float = 1.0, max_ch
                 "trajectory_outcome": {"type": "string", "enum": [outcome]},
                 "improvement_suggestion": suggestion,
                 "retry_from_step": step,
+                **extra,
             },
-            "required": list(FIELDS),
+            "required": names,
             "additionalProperties": False,
         }
 
+    def retrying(outcome: str) -> list[dict]:
+        per_step = any(len(g.schemas) > 1 for g in grounded)
+        pivots = [[k] for k in range(num_turns)] if per_step else [list(range(num_turns))]
+        return [report(outcome, text, text, {"type": "integer", "enum": ks},
+                       {g.name: g.schema_at(ks[0]) for g in grounded}) for ks in pivots]
+
     if reward < max_reward:
-        return report("failure", text, text, steps)
-    null = {"type": "null"}
+        branches = retrying("failure")
+        return branches[0] if len(branches) == 1 else {"anyOf": branches}
     return {"anyOf": [
-        report("success", {"anyOf": [text, null]}, null, null),
-        report("success_but_inefficient", text, text, steps),
+        report("success", {"anyOf": [text, null]}, null, null, {g.name: null for g in grounded}),
+        *retrying("success_but_inefficient"),
     ]}
 
 
@@ -72,6 +87,7 @@ class Reflection:
     report: dict
     outcome: Outcome
     retry_from_step: int | None
+    grounded: dict[str, str] = field(default_factory=dict)  # environment-grounded fields (see GroundedField)
 
     @property
     def wants_retry(self) -> bool:
@@ -104,8 +120,12 @@ def reflection_messages(
     return [Message("system", system_prompt), Message("user", "\n\n".join(parts))]
 
 
-def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]:
-    """Parse and validate a reflection; returns (reflection, "") or (None, reason it is invalid)."""
+def parse_reflection(text: str, num_turns: int,
+                     grounded: Sequence[GroundedField] = ()) -> tuple[Reflection | None, str]:
+    """Parse and validate a reflection; returns (reflection, "") or (None, reason it is invalid).
+
+    ``grounded`` fields must be present too; in a report that asks for a retry each must be a string that its
+    schema at the pivot admits (its ``enum``, its ``pattern``), and in a ``success`` report null."""
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end <= start:
         return None, "no_json"
@@ -115,7 +135,7 @@ def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]
         return None, "invalid_json"
     if not isinstance(report, dict):
         return None, "invalid_json"
-    missing = [f for f in FIELDS if f not in report]
+    missing = [f for f in FIELDS if f not in report] + [g.name for g in grounded if g.name not in report]
     if missing:
         return None, "missing_field"
     outcome = report["trajectory_outcome"]
@@ -133,9 +153,70 @@ def parse_reflection(text: str, num_turns: int) -> tuple[Reflection | None, str]
         return None, "pivot_out_of_range"
     if not isinstance(suggestion, str) or not suggestion.strip():
         return None, "missing_suggestion"
-    return Reflection(report, outcome, step), ""
+    values = {}
+    for g in grounded:
+        value, schema = report[g.name], g.schema_at(step)
+        if not isinstance(value, str) or not value.strip():
+            return None, "missing_grounded_value"
+        if ("enum" in schema and value not in schema["enum"]) or (
+                "pattern" in schema and not re.search(schema["pattern"], value)):
+            return None, "grounded_value_not_admissible"
+        values[g.name] = value
+    return Reflection(report, outcome, step, values), ""
 
 
-def guidance_text(reflection: Reflection, template: str = GUIDANCE_TEMPLATE) -> str:
-    """The guidance inserted into a retry: the JSON report in ``template`` (its ``{report}`` field)."""
-    return fill(template, report=json.dumps(reflection.report, indent=2, ensure_ascii=False))
+def guidance_text(reflection: Reflection, template: str = GUIDANCE_TEMPLATE,
+                  grounded: Sequence[GroundedField] = ()) -> str:
+    """The guidance inserted into a retry: the JSON report in ``template`` (its ``{report}`` field), then one
+    line per grounded field the report fills (the field's ``guidance``, e.g. ``Answer with this equation: 6 * 8``)."""
+    text = fill(template, report=json.dumps(reflection.report, indent=2, ensure_ascii=False))
+    lines = [fill(g.guidance, value=reflection.grounded[g.name], step=str(reflection.retry_from_step))
+             for g in grounded if g.name in reflection.grounded]
+    return "\n".join([text, *lines])
+
+
+# Words that carry no instruction on their own: a suggestion with fewer than two other words ("error",
+# "try again", "be more careful", "fails to match the target", "no improvement") tells a retry nothing.
+_EMPTY_WORDS = frozenset(
+    "a an the it its this that these be is are was were to of in on for at by with and or not no yes more "
+    "careful carefully better again retry try trying error errors none null n/a na fix fixed correct correctly "
+    "answer answers mistake mistakes wrong check double do does make sure fail fails failed failing failure "
+    "improve improvement solve solved solving task target match matches puzzle next time agent attempt".split()
+)
+MIN_SUGGESTION_WORDS = 2  # words outside _EMPTY_WORDS an actionable suggestion has at least
+COPY_WORDS = 6  # a field sharing this many consecutive words with the prompt copies it
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:['/][a-z0-9]+)*", text.lower())
+
+
+def _shingles(words: list[str], n: int = COPY_WORDS) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def informativeness(reflection: Reflection, prompt_texts: Sequence[str],
+                    failed_actions: Sequence[str] = ()) -> str:
+    """Why a valid report says nothing a retry can act on, or ``""`` when it is informative.
+
+    - ``copies_prompt``: a free-text field shares :data:`COPY_WORDS` consecutive words with one of
+      ``prompt_texts`` (what the reflector was shown: its instructions and field descriptions, the task, the
+      trajectory): the model copied its input instead of diagnosing the attempt;
+    - ``trivial_suggestion``: a report that asks for a retry and whose suggestion has fewer than
+      :data:`MIN_SUGGESTION_WORDS` words outside :data:`_EMPTY_WORDS` (``"error"``, ``"try again"``, ``"1"``);
+    - ``repeats_failed_action``: a grounded field (:attr:`Reflection.grounded`) proposes one of the
+      ``failed_actions`` (the base's own failed answers or actions) again.
+    """
+    prompt = set().union(*(_shingles(_words(t)) for t in prompt_texts)) if prompt_texts else set()
+    for name in ("trajectory_summary", "root_cause_analysis", "improvement_suggestion"):
+        value = reflection.report.get(name)
+        if isinstance(value, str) and _shingles(_words(value)) & prompt:
+            return "copies_prompt"
+    if reflection.wants_retry:
+        suggestion = reflection.report.get("improvement_suggestion") or ""
+        if sum(w not in _EMPTY_WORDS for w in _words(suggestion)) < MIN_SUGGESTION_WORDS:
+            return "trivial_suggestion"
+    failed = {" ".join(a.split()) for a in failed_actions}
+    if any(" ".join(str(v).split()) in failed for v in reflection.grounded.values()):
+        return "repeats_failed_action"
+    return ""
