@@ -183,6 +183,20 @@ def test_bound_operands_gives_each_task_its_own_grammar():
         CountdownEnv(response_format="answer", bound_operands=True)
 
 
+def test_operands_from_task_lets_the_answer_write_only_the_tasks_numbers():
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    env = CountdownEnv(response_format="answer", constrain_answer=True, bound_operands=True, operands_from_task=True)
+    grammar = xgr.Grammar.from_ebnf(env.response_constraint(Task("a", {"numbers": [9, 6], "target": 3})).grammar)
+    for text in ("<answer>9 - 6</answer>", "<answer>6 * 9</answer>", "<answer>9 / 9</answer>"):
+        assert accepts(grammar, text), text  # any operator, any order; a repeated number is left to the rules
+    for text in ("<answer>9 - 3</answer>", "<answer>96 - 6</answer>", "<answer>9 - 6 - 6</answer>"):
+        assert not accepts(grammar, text), text
+    with pytest.raises(ValueError, match="bound_operands: true"):
+        CountdownEnv(response_format="answer", constrain_answer=True, operands_from_task=True)
+
+
 def test_balanced_tasks_split_evenly_over_the_four_operators_with_no_sum_shortcut():
     tasks = CountdownTasks(size=64, seed=1, min_numbers=2, max_numbers=2, max_value=10, max_target=50,
                            operators="balanced")

@@ -179,3 +179,13 @@ def test_the_retry_guidance_ends_with_each_grounded_value():
     text = guidance_text(reflection, "Review: {report}", grounded=[ACTION])
     assert text.startswith("Review: {") and text.endswith("\nAt step 1, take this action: open door")
     assert guidance_text(reflection, "Review: {report}") == text.split("\n" + "At step")[0]  # paper: the report only
+
+
+def test_a_guidance_template_can_name_report_fields_instead_of_the_whole_report():
+    reflection, _ = parse_reflection(grounded_report(1, "open door", suggestion="Open the door first."), 2,
+                                     grounded=[ACTION])
+    assert guidance_text(reflection, "{improvement_suggestion}", grounded=[ACTION]) == (
+        "Open the door first.\nAt step 1, take this action: open door")
+    # a template that names the grounded field itself gets no extra line
+    assert guidance_text(reflection, "Do {corrected_action} at step {retry_from_step}.", grounded=[ACTION]) == (
+        "Do open door at step 1.")

@@ -40,11 +40,12 @@ num ::= [1-9] [0-9]? [0-9]?
 
 
 
-def answer_grammar(operands: int) -> str:
+def answer_grammar(operands: int, numbers: list[int] | None = None) -> str:
     """:data:`ANSWER_GRAMMAR` limited to expressions with exactly ``operands`` numbers (so ``operands`` − 1
-    operators): a length bound, as a task with n numbers needs n of them. Which numbers, operators and brackets
-    the expression uses is still the model's choice. Rule ``e<k>`` is an expression with k numbers,
-    ``p<k>`` one that may stand next to an operator (a number, or a bracketed ``e<k>`` for k > 1)."""
+    operators): a length bound, as a task with n numbers needs n of them. With ``numbers``, each number written is
+    one of them (how often each is used is still checked by the rules, not by the grammar). Which numbers,
+    operators and brackets the expression uses is otherwise the model's choice. Rule ``e<k>`` is an expression
+    with k numbers, ``p<k>`` one that may stand next to an operator (a number, or a bracketed ``e<k>`` for k > 1)."""
     if operands < 1:
         raise ValueError(f"an answer needs at least one number, got operands={operands}")
     rules = ['root ::= "<answer>" e{0} "</answer>"'.format(operands), 'e1 ::= num', 'p1 ::= num']
@@ -53,7 +54,8 @@ def answer_grammar(operands: int) -> str:
         rules.append(f"e{k} ::= {splits}")
         if k < operands:
             rules.append(f'p{k} ::= "(" e{k} ")" | e{k}')
-    rules += ['op ::= "+" | "-" | "*" | "/"', "num ::= [1-9] [0-9]? [0-9]?"]
+    number = " | ".join(f'"{n}"' for n in sorted(set(numbers))) if numbers else "[1-9] [0-9]? [0-9]?"
+    rules += ['op ::= "+" | "-" | "*" | "/"', f"num ::= {number}"]
     return "\n".join(rules) + "\n"
 
 
@@ -258,23 +260,30 @@ class CountdownEnv(Environment):
             only), in training and evaluation alike. It removes format failures, not arithmetic ones.
         bound_operands: with ``constrain_answer``, allow exactly as many numbers as the task gives
             (:func:`answer_grammar`), so an answer cannot run past ``max_new_tokens`` as ``1 + 2 + 3 + …``.
+        operands_from_task: with ``bound_operands``, every number written is one of the task's numbers: the
+            policy still chooses the operators, the order and the brackets (and may repeat a number, which the
+            rules then reject).
     """
 
     def __init__(self, max_attempts: int = 3, end_on_invalid_format: bool = True,
                  response_format: Literal["think", "answer"] = "think", example: bool = False,
-                 constrain_answer: bool = False, bound_operands: bool = False) -> None:
+                 constrain_answer: bool = False, bound_operands: bool = False,
+                 operands_from_task: bool = False) -> None:
         if response_format not in ("think", "answer"):
             raise ValueError(f"response_format must be 'think' or 'answer', got {response_format!r}")
         if constrain_answer and response_format != "answer":
             raise ValueError("constrain_answer needs response_format: answer (the grammar has no <think> part)")
         if bound_operands and not constrain_answer:
             raise ValueError("bound_operands bounds the answer grammar: set constrain_answer: true as well")
+        if operands_from_task and not bound_operands:
+            raise ValueError("operands_from_task restricts the bounded answer grammar: set bound_operands: true as well")
         self.max_turns = max_attempts
         self.end_on_invalid_format = end_on_invalid_format
         self.response_format = response_format
         self.example = example
         self.constrain_answer = constrain_answer
         self.bound_operands = bound_operands
+        self.operands_from_task = operands_from_task
 
     def system_prompt(self) -> str:
         rules = ("You solve Countdown puzzles: combine the given numbers with + - * / and parentheses so the "
@@ -296,7 +305,8 @@ class CountdownEnv(Environment):
         if not self.constrain_answer:
             return None
         if self.bound_operands:
-            return Constraint(grammar=answer_grammar(len(task.payload["numbers"])))
+            numbers = task.payload["numbers"]
+            return Constraint(grammar=answer_grammar(len(numbers), numbers if self.operands_from_task else None))
         return Constraint(grammar=ANSWER_GRAMMAR)
 
     def grounded_fields(self, task: Task, trajectory: Trajectory) -> list[GroundedField]:
@@ -306,7 +316,7 @@ class CountdownEnv(Environment):
             "equation_to_try",
             "an equation over the given numbers, not one that already failed, that equals the target",
             ({"type": "string", "pattern": equation_pattern(task.payload["numbers"])},),
-            "Answer with this equation: {value}",
+            "Try the equation {value}.",
         )]
 
     def reference_report(self, task: Task, trajectory: Trajectory) -> dict | None:
@@ -324,10 +334,10 @@ class CountdownEnv(Environment):
         needed = sorted({_OPERATOR_NAMES[ch] for ch in solution if ch in _OPERATOR_NAMES})
         return {
             "trajectory_summary": f"The agent answered {'; then '.join(shown)}. None of these equals {target}.",
-            "root_cause_analysis": (f"{shown[0]} misses the target {target}: with {numbers} the target needs "
-                                    f"{' and '.join(needed)}, which the first answer did not use that way."),
+            "root_cause_analysis": (f"{shown[0]} misses the target {target}: reaching {target} from "
+                                    f"{_listing(numbers)} takes {' and '.join(needed)}."),
             "trajectory_outcome": "failure",
-            "improvement_suggestion": f"Write {solution}: it uses {_listing(numbers)} once each and equals {target}.",
+            "improvement_suggestion": f"A correct equation is {solution}.",
             "retry_from_step": 0,
             "equation_to_try": solution,
         }

@@ -167,11 +167,13 @@ def parse_reflection(text: str, num_turns: int,
 
 def guidance_text(reflection: Reflection, template: str = GUIDANCE_TEMPLATE,
                   grounded: Sequence[GroundedField] = ()) -> str:
-    """The guidance inserted into a retry: the JSON report in ``template`` (its ``{report}`` field), then one
-    line per grounded field the report fills (the field's ``guidance``, e.g. ``Answer with this equation: 6 * 8``)."""
-    text = fill(template, report=json.dumps(reflection.report, indent=2, ensure_ascii=False))
+    """The guidance inserted into a retry: ``template`` with ``{report}`` replaced by the JSON report and
+    ``{<field>}`` by that field of it (``{improvement_suggestion}``, a grounded field's name), then one line per
+    grounded field the template does not name (the field's ``guidance``, e.g. ``Try the equation 6 * 8.``)."""
+    fields = {name: "" if value is None else str(value) for name, value in reflection.report.items()}
+    text = fill(template, report=json.dumps(reflection.report, indent=2, ensure_ascii=False), **fields)
     lines = [fill(g.guidance, value=reflection.grounded[g.name], step=str(reflection.retry_from_step))
-             for g in grounded if g.name in reflection.grounded]
+             for g in grounded if g.name in reflection.grounded and "{" + g.name + "}" not in template]
     return "\n".join([text, *lines])
 
 
