@@ -71,6 +71,7 @@ class TrainingSample:
     group_id: str = ""
     old_logprobs: list[float] | None = None
     num_assistant_tokens: int = 0  # trainable or masked by the pivot; for the masked-fraction metric
+    reward: float | None = None  # what the advantage came from, or the SFT trajectory's (records only)
 
     def __post_init__(self) -> None:
         # one entry per token: a shorter list would be broadcast (silently) when batched
@@ -200,6 +201,7 @@ def make_sample(
     kind: SampleKind,
     first_trainable_turn: int = 0,
     group_id: str = "",
+    reward: float | None = None,
 ) -> TrainingSample:
     """A training sample whose loss mask covers assistant turns ``>= first_trainable_turn``.
 
@@ -218,4 +220,5 @@ def make_sample(
     ) and any(m > 0 for m in mask)
     old = [lp if lp is not None else 0.0 for lp in conversation.logprobs] if has_logprobs else None
     assistant_tokens = sum(end - start for start, end in conversation.turn_spans)
-    return TrainingSample(list(conversation.input_ids), mask, float(advantage), kind, group_id, old, assistant_tokens)
+    return TrainingSample(list(conversation.input_ids), mask, float(advantage), kind, group_id, old, assistant_tokens,
+                          reward)
