@@ -12,6 +12,7 @@ from r3l_lightning.console import PhaseProgress, say
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.explore.episodes import RolloutContext
 from r3l_lightning.rollout_log import save_rollouts
+from r3l_lightning.trajectory import SAMPLE_KINDS
 
 
 AVERAGED_STATS = frozenset({"time_explore_s"})  # this callback's own statistics averaged over ranks (the
@@ -62,9 +63,11 @@ def epoch_summary(epoch: int, stats: dict[str, float], train_s: float) -> str:
         parts.append(f"reflections valid {valid:.0f}/{stats['reflections']:.0f}")
     if "retries" in stats:
         parts.append(f"retries {stats['retries']:.0f} → improved {stats.get('retries_improved', 0.0):.0f}")
-    samples = [f"{kind} {stats[f'samples_{kind}']:.0f}" for kind in ("distill", "retry", "refinement")
-               if stats.get(f"samples_{kind}") or (kind == "distill" and "samples_distill" in stats)]
-    sft = [v for k, v in stats.items() if k.startswith("samples_sft")]
+    counted = [kind for kind in SAMPLE_KINDS if f"samples_{kind}" in stats]
+    samples = [f"{kind} {stats[f'samples_{kind}']:.0f}" for kind in counted
+               if SAMPLE_KINDS[kind].objective != "sft" and kind != "base"
+               and (stats[f"samples_{kind}"] or kind == "distill")]
+    sft = [stats[f"samples_{kind}"] for kind in counted if SAMPLE_KINDS[kind].objective == "sft"]
     if sft:
         samples.append(f"sft {sum(sft):.0f}")
     if samples:

@@ -36,9 +36,9 @@ from typing import Literal, get_args
 
 import torch
 
-from r3l_lightning.trajectory import SampleKind
+from r3l_lightning import trajectory
 
-SAMPLE_KINDS: tuple[str, ...] = get_args(SampleKind)
+SAMPLE_KINDS: tuple[str, ...] = tuple(trajectory.SAMPLE_KINDS)  # the order of the micro-batch ``kind`` column
 RATIO_RANGE = (0.5, 2.0)
 STATS = ("abs_diff_mean", "k3_kl", "out_of_range_fraction", "ratio_max", "tokens")
 _SUM_COLUMNS = 4  # tokens, Σ|Δ|, Σ k3, Σ out-of-range; the max ratio is kept separately

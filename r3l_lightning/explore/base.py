@@ -31,7 +31,7 @@ from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.attempt import Attempt, TaskGroup
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters
-from r3l_lightning.trajectory import Message, SampleKind, TrainingSample, make_sample
+from r3l_lightning.trajectory import Message, Objective, SampleKind, TrainingSample, make_sample
 
 
 @dataclass
@@ -104,11 +104,11 @@ class Explorer(ABC):
 
     def add_sample(self, ctx: RolloutContext, group: TaskGroup, attempt: Attempt, messages: list[Message],
                    kind: SampleKind, advantage: float = 1.0, first_trainable_turn: int = 0,
-                   reward: float | None = None) -> TrainingSample:
+                   reward: float | None = None, objective: Objective | None = None) -> TrainingSample:
         """A sample of ``messages`` (assistant turns from ``first_trainable_turn`` on trained), attached to
-        ``attempt`` in ``group``."""
+        ``attempt`` in ``group``; ``objective`` None: the kind's."""
         sample = make_sample(ctx.chat.tokenize(messages), advantage, kind, first_trainable_turn, group.task.task_id,
-                             reward)
+                             reward, objective)
         return group.add(attempt, sample)
 
     def state_dict(self) -> dict:

@@ -86,8 +86,8 @@ class CritiqueGRPOExplorer(R3LExplorer):
         self.make_group(ctx, group, candidates, counters)
 
     def refinement(self, attempt: Attempt) -> Candidate:
-        """The attempt's refinement with the original prompt (critique removed)."""
-        return Candidate(attempt, self.distill(attempt, attempt.retries[0]), "refinement")
+        """The attempt's refinement with the original prompt (critique removed), trained with policy shaping."""
+        return Candidate(attempt, self.distill(attempt, attempt.retries[0]), "refinement", objective="shaped")
 
     def wants_retry(self, attempt: Attempt) -> bool:
         """Every valid critique, whatever outcome it reports (not after an environment crash)."""

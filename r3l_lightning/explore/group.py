@@ -16,19 +16,21 @@ from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.explore.attempt import Attempt, TaskGroup
 from r3l_lightning.explore.base import Explorer
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
-from r3l_lightning.trajectory import SampleKind, TokenizedConversation, TrainingSample, Trajectory, make_sample
+from r3l_lightning.trajectory import Objective, SampleKind, TokenizedConversation, TrainingSample, Trajectory, make_sample
 
 
 @dataclass
 class Candidate:
     """A trajectory to train on in a group: the attempt it belongs to, its sample kind, its first trainable
-    turn, and the reward its advantage is computed from (None: the trajectory's)."""
+    turn, the reward its advantage is computed from (None: the trajectory's) and its objective (None: the
+    kind's, see :data:`~r3l_lightning.trajectory.SAMPLE_KINDS`)."""
 
     attempt: Attempt
     trajectory: Trajectory
     kind: SampleKind = "base"
     first_trainable_turn: int = 0
     reward: float | None = None
+    objective: Objective | None = None
 
     @property
     def group_reward(self) -> float:
@@ -85,7 +87,7 @@ class GroupExplorer(Explorer):
         advantages = group_advantages(rewards, mode=self.advantage, alpha=self.alpha, singleton=self.singleton)
         return [
             group.add(c.attempt, make_sample(conversation, advantage, c.kind, c.first_trainable_turn,
-                                             group.task.task_id, c.group_reward))
+                                             group.task.task_id, c.group_reward, c.objective))
             for c, conversation, advantage in zip(candidates, conversations, advantages.tolist())
         ]
 

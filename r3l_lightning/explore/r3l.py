@@ -319,9 +319,10 @@ class R3LExplorer(GroupExplorer):
                        counters: RolloutCounters) -> None:
         """A correction as an SFT sample, or (``correction_loss: reinforce``) as a one-sample group of reward 1."""
         if self.correction_loss == "sft":
-            self.add_sample(ctx, group, attempt, trajectory.messages, sft_kind, 1.0, pivot, reward)
+            self.add_sample(ctx, group, attempt, trajectory.messages, sft_kind, 1.0, pivot, reward, objective="sft")
         else:
-            self.make_group(ctx, group, [Candidate(attempt, trajectory, rl_kind, pivot, reward=1.0)], counters)
+            self.make_group(ctx, group, [Candidate(attempt, trajectory, rl_kind, pivot, reward=1.0, objective="policy")],
+                            counters)
 
     # ----- statistics ------------------------------------------------------------------------------
     def stats(self, groups: list[TaskGroup], counters: RolloutCounters) -> dict[str, float]:

@@ -20,4 +20,4 @@ class RAFTExplorer(GroupExplorer):
             for attempt in group.attempts:
                 if is_success(attempt.base.reward):
                     self.add_sample(ctx, group, attempt, attempt.base.messages, "sft_success",
-                                    reward=attempt.base.reward)
+                                    reward=attempt.base.reward, objective="sft")
