@@ -19,16 +19,18 @@ SampleKind = str  # a key of SAMPLE_KINDS
 
 @dataclass(frozen=True)
 class KindInfo:
-    """A sample kind: the objective explorers train it with unless they set another, and what it is."""
+    """A sample kind: the objective explorers train it with unless they set another, what it is, and whether
+    ``model.rollout_correction`` weights it (its tokens are scored in the context they were sampled in)."""
 
     objective: Objective
     description: str
+    rollout_corrected: bool = False
 
 
 # Every sample kind, in the order of the micro-batch ``kind`` column and of the mismatch metrics. A kind is a
 # label for logs (metrics, records, the console); what a sample trains with is its ``objective``.
 SAMPLE_KINDS: dict[str, KindInfo] = {
-    "base": KindInfo("policy", "a trajectory sampled from the task's own prompt"),
+    "base": KindInfo("policy", "a trajectory sampled from the task's own prompt", rollout_corrected=True),
     "distill": KindInfo("policy", "a guided retry with the base prefix and the guidance removed (R³L, Reflect-GRPO)"),
     "retry": KindInfo("policy", "a verified correction's guided retry as a one-sample RL group (correction_loss: "
                                 "reinforce)"),
