@@ -4,7 +4,8 @@
     python benchmarks/vs_trl.py [--model smollm2-135m-instruct] [--steps 3] [--prompts 2] [--group 8] [--tokens 64]
                                 [--rows trl-hf,ours-hf,ours-vllm,ours-vllm-kv2] [--kv-cache-gib G]
 
-Same model (fp32), same Countdown prompts (the main job's tasks and system prompt, one attempt, free
+Same model (fp32 weights), same precision (`--precision`, default auto: the configs' choice on this machine; TRL
+with `bf16=True` where ours is bf16-mixed), same Countdown prompts (the main job's tasks and system prompt, one attempt, free
 decoding), group size, max new tokens, temperature 1, learning rate and number of optimizer steps; the
 same GRPO loss settings (A = (R − R̄)/σ, clipped ratio ε = 0.2, k3 KL β = 0.01 to a frozen reference
 model, token-mean). One optimizer step per generation batch in both, so neither recomputes old logprobs.
@@ -41,6 +42,7 @@ import psutil
 from rows import print_row, run_row as row_in_fresh_process
 
 from r3l_lightning.envs.countdown import CountdownEnv, CountdownTasks
+from r3l_lightning.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("trl-hf", "ours-hf", "ours-vllm", "ours-vllm-kv2")
@@ -190,7 +192,7 @@ def run_trl(args: argparse.Namespace) -> list[dict]:
         output_dir=tempfile.mkdtemp(), max_steps=args.steps + 1, learning_rate=LR, beta=BETA, epsilon=EPSILON,
         loss_type="dapo", scale_rewards="group", num_generations=args.group,
         per_device_train_batch_size=args.prompts * args.group, gradient_accumulation_steps=1,
-        max_completion_length=args.tokens, temperature=TEMPERATURE, top_p=1.0, use_cpu=True, bf16=False,
+        max_completion_length=args.tokens, temperature=TEMPERATURE, top_p=1.0, use_cpu=True, bf16=args.precision == "bf16-mixed",
         logging_steps=1, report_to="none", save_strategy="no", seed=0, dataloader_num_workers=0,
     )
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
@@ -272,6 +274,7 @@ def run_ours(args: argparse.Namespace) -> list[dict]:
         "fit", "--config", str(ROOT / "configs" / "countdown" / "r3l.yaml"),
         "--config", str(ROOT / "configs" / "methods" / "grpo.yaml"),
         "--model.model_name_or_path", args.model, "--model.lr", str(LR), *engine,
+        "--trainer.precision", args.precision, "--model.model_dtype", "float32",
         "--data.environment.init_args.max_attempts", "1", "--data.environment.init_args.constrain_answer", "false",
         "--data.environment.init_args.bound_operands", "false",
         f"--{explorer}.group_size", str(args.group), f"--{explorer}.max_new_tokens", str(args.tokens),
@@ -341,8 +344,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     parser.add_argument("--kv-cache-gib", type=float,
                         help="ours-vllm's KV cache (default: sized to the workload; ours-vllm-kv2: 2)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "32-true", "bf16-mixed"),
+                        help="both trainers' (TRL: bf16=True for bf16-mixed); auto: the configs' choice here")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args()
+    args.precision = resolve_precision(args.precision, "cpu")[0]
     if args.row:
         print_row(run_row(args))
         return
@@ -360,12 +366,13 @@ def main() -> None:
     results = {}
     for row in rows:
         cmd = ["--row", row, "--model", args.model, "--steps", str(args.steps),
-               "--prompts", str(args.prompts), "--group", str(args.group), "--tokens", str(args.tokens)]
+               "--prompts", str(args.prompts), "--group", str(args.group), "--tokens", str(args.tokens),
+               "--precision", args.precision]
         if row in kv_cache_gib:
             cmd += ["--kv-cache-gib", str(kv_cache_gib[row])]
         results[row] = row_in_fresh_process(__file__, cmd)
     print(f"load average after: {os.getloadavg()}")
-    print(f"{args.model}, GRPO: {args.prompts} prompts × {args.group} completions, ≤ {args.tokens} new tokens, "
+    print(f"{args.model}, GRPO, both trainers in {args.precision}: {args.prompts} prompts × {args.group} completions, ≤ {args.tokens} new tokens, "
           f"median of {args.steps} steps after a warm-up")
     print(f"{'row':13s} {'s/step':>7s} {'generate':>9s} {'rest':>7s} {'gen tok/s':>10s} {'train tok/s':>12s} "
           f"{'peak RSS':>9s}")

@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from r3l_lightning.callbacks.evaluation import EvalCallback, describe
 from r3l_lightning.callbacks.run_report import RunReportCallback
@@ -21,10 +24,24 @@ from r3l_lightning.checkpoint_io import AtomicCheckpointIO
 from r3l_lightning.console import quiet_third_party
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.module import R3LModule
+from r3l_lightning.precision import AUTO, resolve_auto, resolve_precision
+
+
+@rank_zero_only
+def _announce(line: str) -> None:
+    print(line, flush=True)
 
 
 class R3LTrainer(L.Trainer):
-    """A Lightning ``Trainer`` with :meth:`evaluate` (rollout benchmark without training)."""
+    """A Lightning ``Trainer`` with :meth:`evaluate` (rollout benchmark without training) and ``precision: auto``
+    (:func:`~r3l_lightning.precision.auto_precision`: ``bf16-mixed`` where the device has native bf16, else
+    ``32-true``)."""
+
+    def __init__(self, *args, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs) -> None:
+        precision, reason = resolve_precision(precision, kwargs.get("accelerator", AUTO))
+        if reason is not None:
+            _announce(f"precision: auto -> {precision} ({reason})")
+        super().__init__(*args, precision=precision, **kwargs)
 
     def evaluate(self, model: R3LModule, datamodule: ExperienceDataModule, ckpt_path: str | None = None) -> dict:
         """Run the configured ``EvalCallback`` (or a default one) on ``model`` or a Lightning checkpoint.
@@ -56,6 +73,16 @@ class R3LCLI(LightningCLI):
     ``CheckpointIO`` plugin; every fit ends with :class:`RunReportCallback` (key figures, curves.png)
     unless the config lists its own.
     """
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve ``trainer.precision: auto`` and ``model.model_dtype: auto`` (the task configs' default) and say
+        what was chosen and why in one line; the saved config records the resolved values."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer, model = config.trainer, config.model
+        trainer.precision, model.model_dtype, line = resolve_auto(trainer.precision, model.model_dtype,
+                                                                  trainer.accelerator)
+        if line is not None:
+            _announce(line)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

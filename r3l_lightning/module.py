@@ -22,6 +22,7 @@ from r3l_lightning.models import (
     load_tokenizer,
     output_projection,
 )
+from r3l_lightning.precision import resolve_model_dtype
 from r3l_lightning.trajectory import ChatTokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -64,8 +65,8 @@ class R3LModule(L.LightningModule):
         lr, weight_decay, betas, warmup_steps: AdamW with linear warmup, then constant (weight decay 0.01:
             AdamW's usual default and the reference code's; the paper does not state it).
         max_grad_norm: gradient-norm clipping (``None`` disables).
-        model_dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPUs, or fp32 weights with
-            the Trainer's ``precision: bf16-mixed``).
+        model_dtype: parameter dtype; ``auto`` (:func:`~r3l_lightning.precision.resolve_model_dtype`): ``float32``,
+            the master weights of ``precision: bf16-mixed`` (``r3l fit`` gives ``bfloat16`` under ``bf16-true``).
         gradient_checkpointing: trade compute for activation memory.
         logprob_chunk_size: token rows per chunk of the vocabulary projection and log-softmax (see
             :func:`~r3l_lightning.losses.head_token_logprobs`).
@@ -97,7 +98,7 @@ class R3LModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
-        model_dtype: Literal["float32", "bfloat16"] = "float32",
+        model_dtype: Literal["auto", "float32", "bfloat16"] = "float32",
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int = 2048,
         rollout_correction: RolloutCorrection = RolloutCorrection(),
@@ -116,7 +117,8 @@ class R3LModule(L.LightningModule):
         self.lora_config = lora
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(model_name_or_path)
-        self.policy = load_policy(model_name_or_path, _DTYPES[model_dtype])
+        dtype = _DTYPES[resolve_model_dtype(model_dtype)]
+        self.policy = load_policy(model_name_or_path, dtype)
         if lora is not None:
             self.policy = add_lora(self.policy, lora)
             self.strict_loading = False  # checkpoints hold the adapters only; the base comes from the model path
@@ -128,7 +130,7 @@ class R3LModule(L.LightningModule):
         self.policy.train()
         self.reference = None
         if kl_coef > 0 and lora is None:
-            self.reference = load_policy(model_name_or_path, _DTYPES[model_dtype]).eval().requires_grad_(False)
+            self.reference = load_policy(model_name_or_path, dtype).eval().requires_grad_(False)
         self.chat = ChatTokenizer(self.tokenizer, eos_token_ids(self.policy, self.tokenizer))
         self.skipped_steps = 0
         self.rollout_engine = engine if engine is not None else default_engine()

