@@ -6,11 +6,11 @@
 
 Builds the environment, tasks and ``R3LExplorer`` from ``configs/<env>/r3l.yaml`` (ALFWorld: generated games,
 not the official split) and runs the explorer's own steps: ``rollout`` of ``group_size // 2`` base trajectories
-per task, ``_pair`` and ``_reflect`` (once, schema decoding as configured), then ``_retry`` on deep copies of
-the same pairs: from the pivot (R³L: the reflection's, or a forced one, see ``--pivot``) and from turn 0
-(``retry_from_scratch``, as Reflect-GRPO), with the same guidance text. Only pairs whose reflection triggers a
-retry count, and the from-scratch variant retries exactly the pairs the pivot variant retried (a pivot replay
-that fails is counted and dropped from both).
+per task, ``reflect`` (once, schema decoding as configured), then ``retry`` on deep copies of the same
+attempts ("pairs": a base and its reflection): from the pivot (R³L: the reflection's, or a forced one, see
+``--pivot``) and from turn 0 (``retry_start`` 0, as Reflect-GRPO), with the same guidance text. Only pairs
+whose reflection triggers a retry count, and the from-scratch variant retries exactly the pairs the pivot
+variant retried (a pivot replay that fails is counted and dropped from both).
 
 ``--pivot`` chooses where the pivot variant restarts each retried pair (K: its base's turns):
 
@@ -19,7 +19,7 @@ that fails is counted and dropped from both).
   when the pivot is late, independently of where the policy puts it.
 
 A forced pivot is set on the benchmark's copies of the pairs only (``Reflection.retry_from_step``; the report,
-so the guidance text, is the policy's), so ``_restore``, the distill sample and its pivot mask all use it.
+so the guidance text, is the policy's), so ``restore``, the distill sample and its pivot mask all use it.
 Several ``--pivot`` values run side by side on the same bases, reflections and retried pairs (a pair whose
 replay fails under any of them is dropped from all), against one from-scratch run.
 
@@ -60,7 +60,8 @@ from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters
-from r3l_lightning.explore.r3l import R3LExplorer, _Pair
+from r3l_lightning.explore.attempt import Attempt, TaskGroup
+from r3l_lightning.explore.r3l import R3LExplorer
 from r3l_lightning.models import eos_token_ids, load_policy, load_tokenizer
 from r3l_lightning.trajectory import ChatTokenizer, make_sample
 
@@ -153,30 +154,30 @@ def forced_pivot(rule: str, num_turns: int) -> int:
     raise ValueError(f"no forced pivot for rule {rule!r}: use middle or last")
 
 
-def with_pivot(pair: _Pair, rule: str) -> _Pair:
+def with_pivot(pair: Attempt, rule: str) -> Attempt:
     """A deep copy of ``pair`` whose retries start at ``rule``'s pivot (``policy``: the reflection's own).
 
     Only ``retry_from_step`` changes: the report, hence the guidance text, stays the policy's."""
     copied = copy.deepcopy(pair)
     if rule != "policy":
         step = forced_pivot(rule, pair.base.num_turns)
-        copied.reflection = dataclasses.replace(copied.reflection, retry_from_step=step)
+        copied.report = dataclasses.replace(copied.report, retry_from_step=step)
     return copied
 
 
-def _retry_variant(name: str, explorer: R3LExplorer, pairs: list[_Pair], ctx: RolloutContext,
+def _retry_variant(name: str, explorer: R3LExplorer, pairs: list[Attempt], ctx: RolloutContext,
                    engine: CountingEngine, counters: RolloutCounters) -> Variant:
-    """``explorer._retry`` on ``pairs``; the engine's tokens and the trained tokens of the distill samples."""
+    """``explorer.retry`` on ``pairs``; the engine's tokens and the trained tokens of the distill samples."""
     engine.take()
     start = time.perf_counter()
-    explorer._retry(pairs, ctx, counters)
+    explorer.retry(pairs, ctx, counters)
     seconds = time.perf_counter() - start
     tokens = engine.take()
     trained = 0
     for pair in pairs:
         for retry in pair.retries:
-            distill = explorer._distill(pair, retry)
-            sample = make_sample(ctx.chat.tokenize(distill.messages), 0.0, distill.kind, explorer._credit_pivot(pair))
+            distill = explorer.distill(pair, retry)
+            sample = make_sample(ctx.chat.tokenize(distill.messages), 0.0, "distill", explorer.credit_pivot(pair))
             trained += sample.num_trainable_tokens
     pivots = [p.pivot if p.retries else None for p in pairs]
     return Variant(name, sum(len(p.retries) for p in pairs), tokens, trained, seconds, pivots)
@@ -192,12 +193,13 @@ def measure(explorer: R3LExplorer, tasks: list[Task], ctx: RolloutContext,
         raise TypeError(f"measure needs the context's engine wrapped in CountingEngine, got {type(engine).__name__}")
     counters = RolloutCounters()
     engine.take()
-    base_groups = explorer.rollout(tasks, explorer.group_size // 2, ctx, counters)
+    groups = [TaskGroup(task) for task in tasks]
+    explorer.rollout(groups, explorer.group_size // 2, ctx, counters)
     base_tokens = engine.take()
-    pairs = [explorer._pair(task, t, ctx) for task, group in zip(tasks, base_groups) for t in group]
-    explorer._reflect(pairs, ctx, counters)
+    pairs = [a for g in groups for a in g.attempts]
+    explorer.reflect(pairs, ctx, counters)
     reflection_tokens = engine.take()
-    triggered = [p for p in pairs if explorer._triggers_retry(p)]
+    triggered = [p for p in pairs if explorer.wants_retry(p)]
 
     kept = triggered
     while True:  # until every pivot variant restored every kept pair (deterministic replays: one pass)
@@ -208,11 +210,11 @@ def measure(explorer: R3LExplorer, tasks: list[Task], ctx: RolloutContext,
             break
         kept = restored  # a replay failed under some pivot: rerun all of them on the pairs every one restored
     scratch_explorer = copy.copy(explorer)
-    scratch_explorer.retry_from_scratch = True  # _pivot → 0, as Reflect-GRPO
+    scratch_explorer.retry_start = lambda attempt: 0  # retries from turn 0, as Reflect-GRPO
     scratch = _retry_variant("scratch", scratch_explorer, copy.deepcopy(kept), ctx, engine, counters)
     return Measurement(
         bases=len(pairs), base_successes=sum(is_success(p.base.reward) for p in pairs),
-        valid_reflections=sum(p.reflection is not None for p in pairs), triggered=len(triggered),
+        valid_reflections=sum(p.report is not None for p in pairs), triggered=len(triggered),
         dropped=len(triggered) - len(kept), base_turns=[p.base.num_turns for p in kept], base_tokens=base_tokens,
         reflection_tokens=reflection_tokens, variants=variants, scratch=scratch,
         events={k: v for k, v in sorted(counters.counts.items()) if not k.startswith("tokens_")},

@@ -50,7 +50,7 @@ def _in_task_order(values: list[float], rank: int, world_size: int) -> list[floa
 def evaluate_tasks(ctx: RolloutContext, tasks: list[Task], params: SamplingParams, repeats: int) -> list[Trajectory]:
     """``repeats`` rollouts of every task (task-major, no reflection), all stepped together."""
     counters = RolloutCounters()
-    states = [start_episode(ctx, task, counters, kind="eval") for task in tasks for _ in range(repeats)]
+    states = [start_episode(ctx, task, counters) for task in tasks for _ in range(repeats)]
     run_episodes(ctx, states, params, counters, "tokens_eval")
     return [s.trajectory for s in states]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 import lightning as L
 import torch
@@ -11,6 +12,11 @@ from r3l_lightning.console import PhaseProgress, say
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.explore.episodes import RolloutContext
 from r3l_lightning.rollout_log import save_rollouts
+from r3l_lightning.trajectory import SAMPLE_KINDS
+
+
+AVERAGED_STATS = frozenset({"time_explore_s"})  # this callback's own statistics averaged over ranks (the
+# explorer's are in its ``averaged_stats``); every other statistic is summed
 
 
 def rollout_context(datamodule: L.LightningDataModule, pl_module: L.LightningModule, progress=None) -> RolloutContext:
@@ -33,8 +39,9 @@ def reduce_max_fn(trainer: L.Trainer):
     return reduce_max
 
 
-def reduce_stats(trainer: L.Trainer, stats: dict[str, float]) -> dict[str, float]:
-    """Counts are summed over ranks, rates and means averaged (a key missing on a rank counts as 0)."""
+def reduce_stats(trainer: L.Trainer, stats: dict[str, float], averaged: Collection[str]) -> dict[str, float]:
+    """Statistics over all ranks: those named in ``averaged`` are averaged, every other one is summed (a key
+    missing on a rank counts as 0)."""
     if trainer.world_size == 1:
         return stats
     gathered: list[list[str]] = [[] for _ in range(trainer.world_size)]
@@ -43,10 +50,7 @@ def reduce_stats(trainer: L.Trainer, stats: dict[str, float]) -> dict[str, float
     stats = {k: stats.get(k, 0.0) for k in keys}
     tensor = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=trainer.strategy.root_device)
     total = trainer.strategy.reduce(tensor, reduce_op="sum")
-    return {
-        k: float(v) / (trainer.world_size if k.endswith(("_rate", "_mean", "mean_pivot", "_s")) else 1)
-        for k, v in zip(keys, total.tolist())
-    }
+    return {k: float(v) / (trainer.world_size if k in averaged else 1) for k, v in zip(keys, total.tolist())}
 
 
 def epoch_summary(epoch: int, stats: dict[str, float], train_s: float) -> str:
@@ -59,9 +63,11 @@ def epoch_summary(epoch: int, stats: dict[str, float], train_s: float) -> str:
         parts.append(f"reflections valid {valid:.0f}/{stats['reflections']:.0f}")
     if "retries" in stats:
         parts.append(f"retries {stats['retries']:.0f} → improved {stats.get('retries_improved', 0.0):.0f}")
-    samples = [f"{kind} {stats[f'samples_{kind}']:.0f}" for kind in ("distill", "retry", "refinement")
-               if stats.get(f"samples_{kind}") or (kind == "distill" and "samples_distill" in stats)]
-    sft = [v for k, v in stats.items() if k.startswith("samples_sft")]
+    counted = [kind for kind in SAMPLE_KINDS if f"samples_{kind}" in stats]
+    samples = [f"{kind} {stats[f'samples_{kind}']:.0f}" for kind in counted
+               if SAMPLE_KINDS[kind].objective != "sft" and kind != "base"
+               and (stats[f"samples_{kind}"] or kind == "distill")]
+    sft = [stats[f"samples_{kind}"] for kind in counted if SAMPLE_KINDS[kind].objective == "sft"]
     if sft:
         samples.append(f"sft {sum(sft):.0f}")
     if samples:
@@ -103,7 +109,7 @@ class ExplorationCallback(L.Callback):
         syncs = getattr(pl_module.rollout_engine, "syncs", None)  # engines that copy weights (vLLM) count them
         if syncs is not None:
             stats["engine_weight_syncs"] = float(syncs)
-        self.last_stats = reduce_stats(trainer, stats)
+        self.last_stats = reduce_stats(trainer, stats, datamodule.explorer.averaged_stats | AVERAGED_STATS)
         metrics = {f"explore/{k}": v for k, v in self.last_stats.items()}
         for logger in trainer.loggers:
             logger.log_metrics({**metrics, "explore/epoch": float(epoch)}, step=trainer.global_step)

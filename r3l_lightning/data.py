@@ -56,8 +56,8 @@ class ExperienceBuffer:
 
 
 def collate(samples: list[TrainingSample]) -> MicroBatch:
-    """Right-padded (id 0, attention 0) tensors: input_ids, attention_mask, loss_mask, advantages, is_sft,
-    shaped (refinement rows, see ``TrainingSample.is_refinement``), old_logprobs, kind (index into
+    """Right-padded (id 0, attention 0) tensors: input_ids, attention_mask, loss_mask, advantages, is_sft and
+    shaped (the rows whose ``TrainingSample.objective`` is sft / shaped), old_logprobs, kind (index into
     :data:`~r3l_lightning.mismatch.SAMPLE_KINDS`)."""
     width = max(len(s.input_ids) for s in samples)
     n = len(samples)
@@ -69,7 +69,7 @@ def collate(samples: list[TrainingSample]) -> MicroBatch:
         "has_old_logprobs": torch.zeros(n, dtype=torch.bool),
         "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32),
         "is_sft": torch.tensor([s.is_sft for s in samples], dtype=torch.bool),
-        "shaped": torch.tensor([s.is_refinement for s in samples], dtype=torch.bool),
+        "shaped": torch.tensor([s.objective == "shaped" for s in samples], dtype=torch.bool),
         "assistant_tokens": torch.tensor([s.num_assistant_tokens for s in samples], dtype=torch.float32),
         "kind": kind_indices([s.kind for s in samples]),
     }

@@ -20,7 +20,8 @@ reflection temperature while the trainer scores at temperature 1. Their "mismatc
 construction: it measures the change of context, not numerical error.
 
 :func:`correction_weights` is the optional truncated / masked importance-sampling correction
-(``model.rollout_correction``), applied to ``base`` rows only:
+(``model.rollout_correction``), applied to the rows of the kinds marked ``rollout_corrected`` in
+:data:`r3l_lightning.trajectory.SAMPLE_KINDS` (``base`` only):
 
 - ``tis``: w_t = min(r_t, cap), no gradient through w;
 - ``mis``: w_t = 1 if 1/cap ≤ r_t ≤ cap else 0;
@@ -36,9 +37,9 @@ from typing import Literal, get_args
 
 import torch
 
-from r3l_lightning.trajectory import SampleKind
+from r3l_lightning import trajectory
 
-SAMPLE_KINDS: tuple[str, ...] = get_args(SampleKind)
+SAMPLE_KINDS: tuple[str, ...] = tuple(trajectory.SAMPLE_KINDS)  # the order of the micro-batch ``kind`` column
 RATIO_RANGE = (0.5, 2.0)
 STATS = ("abs_diff_mean", "k3_kl", "out_of_range_fraction", "ratio_max", "tokens")
 _SUM_COLUMNS = 4  # tokens, Σ|Δ|, Σ k3, Σ out-of-range; the max ratio is kept separately
@@ -58,6 +59,12 @@ class RolloutCorrection:
         if not self.cap >= 1.0:
             raise ValueError(f"model.rollout_correction.cap={self.cap}: must be >= 1 (tis caps r at it, "
                              "mis keeps tokens with 1/cap <= r <= cap)")
+
+
+def rollout_corrected(kind_column: torch.Tensor) -> torch.Tensor:
+    """Which rows of a micro-batch ``kind`` column are of a kind that ``model.rollout_correction`` weights (bool [B])."""
+    flags = torch.tensor([info.rollout_corrected for info in trajectory.SAMPLE_KINDS.values()], device=kind_column.device)
+    return flags[kind_column]
 
 
 def kind_indices(kinds: list[str]) -> torch.Tensor:
@@ -117,7 +124,7 @@ def correction_weights(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-token loss weights [B, L] and where the cap acted, or ``None`` for mode none (no gradient).
 
-    Rows flagged by ``corrected`` (bool [B]: base rows with rollout logprobs) get the tis/mis weight of
+    Rows flagged by ``corrected`` (bool [B]: rows of a ``rollout_corrected`` kind with rollout logprobs) get the tis/mis weight of
     their token ratio r = exp(logprobs − rollout_logprobs); every other row gets weight 1.
     ``capped`` (bool [B, L]) marks the corrected tokens the cap changed: tis r > cap, mis r ∉ [1/cap, cap].
     """

@@ -13,7 +13,7 @@ from r3l_lightning.engines.base import RolloutEngine
 from r3l_lightning.engines import default_engine
 from r3l_lightning.lora import LoRAConfig, adapters_disabled, add_lora, is_adapter_name
 from r3l_lightning.losses import head_token_logprobs, loss_denominator, policy_loss, sft_loss, token_logprobs
-from r3l_lightning.mismatch import SAMPLE_KINDS, MismatchTotals, RolloutCorrection, correction_weights
+from r3l_lightning.mismatch import MismatchTotals, RolloutCorrection, correction_weights, rollout_corrected
 from r3l_lightning.models import (
     decoder_layers,
     eos_token_ids,
@@ -243,7 +243,7 @@ class R3LModule(L.LightningModule):
                     "none: use an engine that returns logprobs, or model.old_logprobs trainer"
                 )
             old_logprobs = mb["old_logprobs"]
-        base_rows = (mb["kind"] == SAMPLE_KINDS.index("base")) & rl_rows
+        base_rows = rollout_corrected(mb["kind"]) & rl_rows
         correction = self.rollout_correction
         if correction.mode != "none" and not bool(mb["has_old_logprobs"][base_rows].all()):
             raise ValueError(

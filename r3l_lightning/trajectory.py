@@ -9,12 +9,37 @@ and a pivot into a :class:`TrainingSample`, the unit the DataModule packs and th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 Role = Literal["system", "user", "assistant"]
-SampleKind = Literal[
-    "base", "distill", "retry", "reflection", "refinement", "sft_reflect", "sft_retry", "sft_success", "eval"
-]
+Objective = Literal["policy", "sft", "shaped"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+SampleKind = str  # a key of SAMPLE_KINDS
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    """A sample kind: the objective explorers train it with unless they set another, what it is, and whether
+    ``model.rollout_correction`` weights it (its tokens are scored in the context they were sampled in)."""
+
+    objective: Objective
+    description: str
+    rollout_corrected: bool = False
+
+
+# Every sample kind, in the order of the micro-batch ``kind`` column and of the mismatch metrics. A kind is a
+# label for logs (metrics, records, the console); what a sample trains with is its ``objective``.
+SAMPLE_KINDS: dict[str, KindInfo] = {
+    "base": KindInfo("policy", "a trajectory sampled from the task's own prompt", rollout_corrected=True),
+    "distill": KindInfo("policy", "a guided retry with the base prefix and the guidance removed (R³L, Reflect-GRPO)"),
+    "retry": KindInfo("policy", "a verified correction's guided retry as a one-sample RL group (correction_loss: "
+                                "reinforce)"),
+    "reflection": KindInfo("policy", "a verified correction's reflection as a one-sample RL group"),
+    "refinement": KindInfo("shaped", "a critique-guided refinement with the original prompt (Critique-GRPO)"),
+    "sft_reflect": KindInfo("sft", "a verified correction's reflection (R³L)"),
+    "sft_retry": KindInfo("sft", "a verified correction's guided retry, guidance kept (R³L)"),
+    "sft_success": KindInfo("sft", "a successful sample (RAFT)"),
+}
 
 
 @dataclass
@@ -30,16 +55,13 @@ class Message:
 
 @dataclass
 class Trajectory:
-    """A multi-turn episode: messages, terminal reward, and bookkeeping for credit assignment.
+    """A multi-turn episode: messages, terminal reward, and what the environment reported.
 
-    ``turn`` k is the k-th assistant message (0-based). ``pivot`` is the first trainable turn
-    (0 = every turn trainable), set by the explorer for retried pairs.
+    ``turn`` k is the k-th assistant message (0-based).
     """
 
     messages: list[Message]
     reward: float = 0.0
-    kind: SampleKind = "base"
-    pivot: int = 0
     task_id: str = ""
     actions: list[str] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)
@@ -62,7 +84,13 @@ class TokenizedConversation:
 
 @dataclass
 class TrainingSample:
-    """One training sequence. ``loss_mask[t] = 1`` iff token t is a trained target."""
+    """One training sequence. ``loss_mask[t] = 1`` iff token t is a trained target.
+
+    ``objective`` is what the loss trains it with: ``policy`` (the RL loss with ``advantage``), ``sft`` (the SFT
+    loss, weighted by the loss's ``sft_coef``) or ``shaped`` (the RL loss with policy shaping, Critique-GRPO's
+    refinements); the explorer sets it, or leaves it to the kind's (:data:`SAMPLE_KINDS`). ``kind`` is a label for
+    logs; the loss never reads it.
+    """
 
     input_ids: list[int]
     loss_mask: list[float]
@@ -71,8 +99,16 @@ class TrainingSample:
     group_id: str = ""
     old_logprobs: list[float] | None = None
     num_assistant_tokens: int = 0  # trainable or masked by the pivot; for the masked-fraction metric
+    reward: float | None = None  # what the advantage came from, or the SFT trajectory's (records only)
+    objective: Objective | None = None  # None: the kind's (SAMPLE_KINDS), set here
 
     def __post_init__(self) -> None:
+        if self.kind not in SAMPLE_KINDS:
+            raise ValueError(f"unknown sample kind {self.kind!r}; known: {', '.join(SAMPLE_KINDS)}")
+        if self.objective is None:
+            self.objective = SAMPLE_KINDS[self.kind].objective
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
         # one entry per token: a shorter list would be broadcast (silently) when batched
         for name in ("loss_mask", "old_logprobs"):
             values = getattr(self, name)
@@ -81,12 +117,7 @@ class TrainingSample:
 
     @property
     def is_sft(self) -> bool:
-        return self.kind.startswith("sft")
-
-    @property
-    def is_refinement(self) -> bool:
-        """An off-policy critique-guided refinement (Critique-GRPO): trained with policy shaping."""
-        return self.kind == "refinement"
+        return self.objective == "sft"
 
     @property
     def num_trainable_tokens(self) -> int:
@@ -200,10 +231,13 @@ def make_sample(
     kind: SampleKind,
     first_trainable_turn: int = 0,
     group_id: str = "",
+    reward: float | None = None,
+    objective: Objective | None = None,
 ) -> TrainingSample:
     """A training sample whose loss mask covers assistant turns ``>= first_trainable_turn``.
 
     ``first_trainable_turn`` is in [0, number of turns] (= the number of turns: nothing trainable).
+    ``objective`` None: the kind's (:data:`SAMPLE_KINDS`).
     """
     if not 0 <= first_trainable_turn <= len(conversation.turn_spans):
         raise ValueError(f"first_trainable_turn must be in [0, {len(conversation.turn_spans)}] (the number of "
@@ -218,4 +252,5 @@ def make_sample(
     ) and any(m > 0 for m in mask)
     old = [lp if lp is not None else 0.0 for lp in conversation.logprobs] if has_logprobs else None
     assistant_tokens = sum(end - start for start, end in conversation.turn_spans)
-    return TrainingSample(list(conversation.input_ids), mask, float(advantage), kind, group_id, old, assistant_tokens)
+    return TrainingSample(list(conversation.input_ids), mask, float(advantage), kind, group_id, old, assistant_tokens,
+                          reward, objective)

@@ -181,7 +181,7 @@ class SignallingExplorer(R3LExplorer):
     ``$R3L_TEST_SIGNAL_ON_CALL``: a crash or preemption at a known point of a run."""
 
     def explore(self, tasks, ctx):
-        if os.environ.get("R3L_TEST_SIGNAL_ON_CALL") == str(self._calls + 1):
+        if os.environ.get("R3L_TEST_SIGNAL_ON_CALL") == str(self.calls + 1):
             os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("R3L_TEST_SIGNAL", "KILL")))
         return super().explore(tasks, ctx)
 

@@ -246,11 +246,11 @@ class FailsFirstReplayAtTurn2(R3LExplorer):
 
     failed = False
 
-    def _restore(self, pair, ctx, counters):
-        if self._pivot(pair) == 2 and not self.failed:
+    def restore(self, attempt, ctx, counters):
+        if self.retry_start(attempt) == 2 and not self.failed:
             self.failed = True
             return None
-        return super()._restore(pair, ctx, counters)
+        return super().restore(attempt, ctx, counters)
 
 
 def test_retry_tokens_drops_a_pair_one_pivot_variant_could_not_restore_from_all(tiny_chat):

@@ -1,4 +1,4 @@
-"""Critique-GRPO, reference-code variant (alfworld/critique_grpo_workflow.py): free-text critiques of
+"""Critique-GRPO, reference-code variant (``CritiqueGRPOReferenceExplorer``, alfworld/critique_grpo_workflow.py): free-text critiques of
 failures only, a refinement kept only if it beats its sample, the best one REPLACES its sample in a group
 of its own. (The paper variant is tested in test_explorer.py.)"""
 
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from r3l_lightning.explore import CritiqueGRPOExplorer
+from r3l_lightning.explore import CritiqueGRPOReferenceExplorer
 from r3l_lightning.explore.episodes import RolloutContext
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
 
@@ -33,7 +33,7 @@ def run(chat, base_answers, suggestions, group_size=4, seen=None):
         return next(answers)
 
     engine = ScriptedEngine(respond, chat.tokenizer, chat.tokenizer.eos_token_id)
-    explorer = CritiqueGRPOExplorer(group_size=group_size, variant="reference")
+    explorer = CritiqueGRPOReferenceExplorer(group_size=group_size)
     result = explorer.explore([GuessTasks(1, FRUIT)[0]], RolloutContext(GuessEnv(max_turns=1), engine, chat))
     return result, engine
 
@@ -92,9 +92,7 @@ def test_successes_are_not_critiqued(tiny_chat):
 
 
 def test_templates_must_name_their_fields():
-    with pytest.raises(ValueError, match=r"critique_template must contain \{reward\}"):
-        CritiqueGRPOExplorer(critique_template="Critique this: {trajectory}")
-    with pytest.raises(ValueError, match=r"refinement_template must contain \{critique\}"):
-        CritiqueGRPOExplorer(refinement_template="Try harder.")
-    with pytest.raises(ValueError, match="variant must be paper or reference"):
-        CritiqueGRPOExplorer(variant="authors")
+    with pytest.raises(ValueError, match=r"reflection_prompt must contain \{reward\}"):
+        CritiqueGRPOReferenceExplorer(reflection_prompt="Critique this: {trajectory}")
+    with pytest.raises(ValueError, match=r"guidance_template must contain \{critique\}"):
+        CritiqueGRPOReferenceExplorer(guidance_template="Try harder.")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
 import torch
 
 from r3l_lightning.data import ExperienceDataModule, collate, pack, plan_steps
 from r3l_lightning.envs.base import Task, TaskSource
+from r3l_lightning.mismatch import SAMPLE_KINDS
 from r3l_lightning.trajectory import TrainingSample
 
 
@@ -47,6 +49,27 @@ def test_collate_right_pads_with_zero_attention_and_zero_loss():
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
     assert batch["advantages"].tolist() == [2.0, 1.0]
     assert batch["is_sft"].tolist() == [False, True]
+
+
+def test_the_loss_rows_follow_the_objective_not_the_kind():
+    # the kind's objective unless the explorer set another: a "base" sample trained by SFT, a refinement
+    # trained as plain policy gradient
+    rows = [sample(3), sample(3, "refinement"), sample(3, "sft_retry"),
+            TrainingSample([1, 2, 3], [0, 1, 1], 1.0, "base", objective="sft"),
+            TrainingSample([1, 2, 3], [0, 1, 1], 1.0, "refinement", objective="policy")]
+    assert [s.objective for s in rows] == ["policy", "shaped", "sft", "sft", "policy"]
+    batch = collate(rows)
+    assert batch["is_sft"].tolist() == [False, False, True, True, False]
+    assert batch["shaped"].tolist() == [False, True, False, False, False]
+    assert batch["kind"].tolist() == [SAMPLE_KINDS.index(k) for k in ("base", "refinement", "sft_retry", "base",
+                                                                      "refinement")]
+
+
+def test_unknown_kinds_and_objectives_are_refused_when_the_sample_is_made():
+    with pytest.raises(ValueError, match="unknown sample kind 'eval'"):
+        sample(3, "eval")
+    with pytest.raises(ValueError, match="unknown objective 'rl'; use one of policy, sft, shaped"):
+        TrainingSample([1, 2], [0, 1], 1.0, "base", objective="rl")
 
 
 def test_plan_steps_splits_groups_and_spreads_sft():

@@ -11,8 +11,8 @@ from r3l_lightning.callbacks.evaluation import evaluate_tasks
 from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.episodes import RolloutContext
-from r3l_lightning.explore import CritiqueGRPOExplorer, GroupExplorer, R3LExplorer
-from r3l_lightning.explore.group import overlong_penalty
+from r3l_lightning.explore import CritiqueGRPOExplorer, DAPOExplorer, GroupExplorer, R3LExplorer
+from r3l_lightning.explore.dapo import overlong_penalty
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
 
 REFLECTION = {
@@ -169,7 +169,7 @@ def test_without_pivotal_credit_every_turn_is_trainable(tiny_chat):
 def test_drop_uniform_groups(tiny_chat):
     engine = ScriptedEngine(lambda p: "pear", tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
     ctx = RolloutContext(GuessEnv(max_turns=1), engine, tiny_chat)
-    dropped = GroupExplorer(group_size=3, drop_uniform_groups=True).explore([GuessTasks(1)[0]], ctx)
+    dropped = DAPOExplorer(group_size=3, overlong_penalty=0.0).explore([GuessTasks(1)[0]], ctx)
     assert dropped.groups == [] and dropped.stats["groups_dropped"] == 1
 
 
@@ -188,8 +188,8 @@ def test_overlong_penalty_is_added_to_the_reward_of_long_responses(tiny_chat):
     a, b = (len(tiny_chat.tokenizer(w, add_special_tokens=False)["input_ids"]) + 1 for w in (short, long))  # + <|im_end|>
     answers = iter([short, long])
     engine = ScriptedEngine(lambda p: next(answers), tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
-    explorer = GroupExplorer(group_size=2, advantage="mean_baseline", overlong_penalty=0.5, overlong_max_tokens=b,
-                             overlong_buffer_tokens=b - a)
+    explorer = DAPOExplorer(group_size=2, advantage="mean_baseline", drop_uniform_groups=False, overlong_penalty=0.5,
+                            overlong_max_tokens=b, overlong_buffer_tokens=b - a)
     result = explorer.explore([GuessTasks(1, {short: 1.0, long: 1.0})[0]],
                               RolloutContext(GuessEnv(max_turns=1), engine, tiny_chat))
     # L_exp = b - (b - a) = a: the short answer gets 0, the long one (L = b = L_max) (a - b)/(b - a)·.5 = -.5;
@@ -205,17 +205,17 @@ def test_overlong_length_after_the_first_prompt_counts_observations_too(tiny_cha
     script = lambda prompt: "apple" if "'pear' is wrong" in prompt else "pear"  # noqa: E731
     for measure, advantage in (("longest_response", 1.0), ("after_first_prompt", 0.0)):
         engine = ScriptedEngine(script, tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
-        explorer = GroupExplorer(group_size=1, advantage="none", overlong_penalty=1.0, overlong_max_tokens=p + a,
-                                 overlong_buffer_tokens=1, overlong_length=measure)
+        explorer = DAPOExplorer(group_size=1, advantage="none", drop_uniform_groups=False, overlong_penalty=1.0,
+                                overlong_max_tokens=p + a, overlong_buffer_tokens=1, overlong_length=measure)
         result = explorer.explore([GuessTasks(1)[0]], RolloutContext(GuessEnv(max_turns=2), engine, tiny_chat))
         assert [s.advantage for s in result.groups[0]] == [advantage]  # R = 1 plus the penalty
 
 
 def test_overlong_options_are_checked():
     with pytest.raises(ValueError, match="0 < overlong_buffer_tokens <= overlong_max_tokens"):
-        GroupExplorer(overlong_penalty=1.0)  # no buffer
+        DAPOExplorer(overlong_penalty=1.0, overlong_buffer_tokens=0)  # no buffer
     with pytest.raises(ValueError, match="overlong_length must be"):
-        GroupExplorer(overlong_length="total")
+        DAPOExplorer(overlong_length="total")
 
 
 def test_raft_keeps_only_successes_as_sft(tiny_chat):

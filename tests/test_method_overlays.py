@@ -38,9 +38,9 @@ EXPECTED = {
                   "kl_estimator": "k3"},
     },
     "dapo": {
-        "explorer": (GROUP, {"advantage": "grpo", "drop_uniform_groups": True, "overlong_penalty": 1.0,
-                             "overlong_max_tokens": 512, "overlong_buffer_tokens": 400,
-                             "overlong_length": "longest_response"}),
+        "explorer": ("r3l_lightning.explore.dapo.DAPOExplorer",
+                     {"advantage": "grpo", "drop_uniform_groups": True, "overlong_penalty": 1.0,
+                      "overlong_max_tokens": 512, "overlong_buffer_tokens": 400, "overlong_length": "longest_response"}),
         "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0, "warmup_steps": 20},
     },
     "gspo": {
@@ -60,7 +60,13 @@ EXPECTED = {
     },
     "critique_grpo": {
         "explorer": ("r3l_lightning.explore.critique_grpo.CritiqueGRPOExplorer",
-                     {"advantage": "grpo", "variant": "paper", "reflection_temperature": 0.7}),
+                     {"advantage": "grpo", "reflection_temperature": 0.7}),
+        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
+                  "shaping_gamma": 0.1},
+    },
+    "critique_grpo_reference": {
+        "explorer": ("r3l_lightning.explore.critique_grpo.CritiqueGRPOReferenceExplorer",
+                     {"advantage": "grpo", "reflection_temperature": 0.7}),
         "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
                   "shaping_gamma": 0.1},
     },

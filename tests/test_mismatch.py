@@ -12,7 +12,7 @@ import torch
 from r3l_lightning.cli import cli_main
 from r3l_lightning.data import collate
 from r3l_lightning.losses import policy_loss
-from r3l_lightning.mismatch import SAMPLE_KINDS, MismatchTotals, RolloutCorrection, correction_weights, kind_indices
+from r3l_lightning.mismatch import MismatchTotals, RolloutCorrection, correction_weights, kind_indices, rollout_corrected
 from r3l_lightning.models import TINY_RANDOM
 from r3l_lightning.module import R3LModule
 from r3l_lightning.trajectory import TrainingSample
@@ -72,7 +72,7 @@ def test_correction_loss_by_hand(mode, expected_weights, numerator):
     trainer, rollout, mask, kinds, has = _batch()
     trainer, rollout, mask, kinds, has = trainer[:2], rollout[:2], mask[:2], kinds[:2], has[:2]
     logprobs = trainer.clone().requires_grad_(True)
-    corrected = (kinds == SAMPLE_KINDS.index("base")) & has
+    corrected = rollout_corrected(kinds) & has  # the registry marks base only: the distill row is exempt
     weights, capped = correction_weights(logprobs, rollout, corrected, RolloutCorrection(mode, cap=2.0))
     torch.testing.assert_close(weights[0, 1:4], torch.tensor(expected_weights))
     assert weights[1].eq(1.0).all()  # distill: exempt

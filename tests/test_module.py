@@ -149,7 +149,7 @@ def test_critique_grpo_refinement_rows_get_policy_shaping(module):
         ids = torch.tensor([s.input_ids])
         lp = torch.log_softmax(module.policy(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])
         lp, mask = lp.squeeze(1), torch.tensor(s.loss_mask[1:])
-        per_token = lp.exp() / (lp.exp() + gamma) if s.is_refinement else lp
+        per_token = lp.exp() / (lp.exp() + gamma) if s.objective == "shaped" else lp
         expected.append(-(s.advantage * per_token * mask).sum() / mask.sum())
     module.hparams.shaping_gamma = gamma
     try:

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from r3l_lightning.callbacks.exploration import epoch_summary
 from r3l_lightning.console import VLLM_LOGGING_CONFIG
-from r3l_lightning.explore import GroupExplorer, RAFTExplorer, R3LExplorer
+from r3l_lightning.explore import DAPOExplorer, RAFTExplorer, R3LExplorer
 from r3l_lightning.explore.episodes import RolloutContext
 from r3l_lightning.logger_tables import COLUMNS, markdown_table
 from r3l_lightning.rollout_log import RolloutLog, clip_strings, save_rollouts
@@ -70,7 +70,7 @@ def test_invalid_reflection_is_recorded_with_its_reason_and_no_retry(tiny_chat):
 
 
 def test_group_raft_and_critique_records_attribute_samples_to_their_trajectories(tiny_chat):
-    dropped = explore(tiny_chat, GroupExplorer(group_size=3, drop_uniform_groups=True), lambda p: "pear")
+    dropped = explore(tiny_chat, DAPOExplorer(group_size=3, overlong_penalty=0.0), lambda p: "pear")
     assert [a["samples"] for a in dropped.records[0]["attempts"]] == [[], [], []]  # all equal: group dropped
     assert all(a["reflection"] is None and a["retry"] is None for a in dropped.records[0]["attempts"])
 

@@ -74,10 +74,10 @@ class RolloutCounters:
         self.counts[key] += value
 
 
-def start_episode(ctx: RolloutContext, task: Task, counters: RolloutCounters, kind: str = "base") -> EpisodeState:
+def start_episode(ctx: RolloutContext, task: Task, counters: RolloutCounters) -> EpisodeState:
     """Reset a new episode of ``task``; an environment that raises costs this episode only."""
     episode = ctx.env.make_episode(task)
-    trajectory = Trajectory(messages=[Message("system", ctx.env.system_prompt())], kind=kind, task_id=task.task_id)
+    trajectory = Trajectory(messages=[Message("system", ctx.env.system_prompt())], task_id=task.task_id)
     state = EpisodeState(task, episode, trajectory)
     try:
         observation = call_with_timeout(episode.reset, ctx.env.step_timeout_s)

@@ -1,31 +1,37 @@
-"""``R3LExplorer``: reflect-then-retry exploration (spec section 1, the paper's Algorithm 1).
+"""``R3LExplorer``: reflect-then-retry exploration (the R³L paper's Algorithm 1).
 
-For every task:
+For every task (:meth:`R3LExplorer.explore_groups`):
 
 1. roll out N/2 base trajectories from the current policy;
-2. the policy reflects on each one (a JSON report: outcome, root cause, pivot step k);
+2. reflect on each one (:meth:`R3LExplorer.reflect`: the policy writes a JSON report: outcome, root cause,
+   pivot step k);
 3. a valid report that asks for a retry restores the environment to turn k (replaying the base
-   trajectory's first k actions) and the policy retries from there with the report as guidance;
+   trajectory's first k actions) and the policy retries from there with the report as guidance
+   (:meth:`R3LExplorer.retry`);
 4. the group is base ∪ distill, a distill sample being the base prefix before k plus the retry's
    suffix with the guidance REMOVED; both get the pivot mask (turns before k are context only);
 5. verified corrections also yield training data: the reflection, and the guided retry.
+
+Subclasses change a step through the public hooks: :meth:`~R3LExplorer.reflects_on`,
+:meth:`~R3LExplorer.reflection_messages`, :meth:`~R3LExplorer.reflection_constraint`,
+:meth:`~R3LExplorer.read_reflection`, :meth:`~R3LExplorer.wants_retry`, :meth:`~R3LExplorer.retry_start`,
+:meth:`~R3LExplorer.guidance` and :meth:`~R3LExplorer.admits`. Who writes the reflection is the one method
+:meth:`~R3LExplorer.reflect`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from r3l_lightning.advantages import AdvantageMode, SingletonRule, group_advantages
 from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.engines.constraints import Constraint
-from r3l_lightning.envs.base import Task
-from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
+from r3l_lightning.explore.attempt import Attempt, TaskGroup
+from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.episodes import EpisodeState, RolloutContext, RolloutCounters, run_episodes, start_episode
-from r3l_lightning.explore.group import GroupExplorer
-from r3l_lightning.explore.records import pairs_record
+from r3l_lightning.explore.group import Candidate, GroupExplorer
 from r3l_lightning.explore.reflection import (
     Reflection,
     guidance_text,
@@ -34,7 +40,7 @@ from r3l_lightning.explore.reflection import (
     report_schema,
 )
 from r3l_lightning.prompts import GUIDANCE_TEMPLATE, REFLECTION_SYSTEM_PROMPT, check_template
-from r3l_lightning.trajectory import Message, SampleKind, TrainingSample, Trajectory, make_sample
+from r3l_lightning.trajectory import Message, SampleKind, Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +49,8 @@ CorrectionLoss = Literal["sft", "reinforce"]
 RetrySelection = Literal["all", "best"]
 
 
-@dataclass
-class _Pair:
-    """A base trajectory, its reflection, and (when triggered) its retries."""
-
-    task: Task
-    base: Trajectory
-    reflection_messages: list[Message]
-    reflection_response: Message | None = None
-    reflection: Reflection | None = None
-    retries: list[Trajectory] = field(default_factory=list)
-    pivot: int = 0
-    invalid_reason: str = ""  # why the reflection is invalid (parse_reflection's reason)
-
-
 class R3LExplorer(GroupExplorer):
-    """Reflect-then-retry exploration (R³L, spec section 1).
+    """Reflect-then-retry exploration (R³L).
 
     Per task: ``group_size // 2`` base trajectories; a reflection on each; ``retries_per_base`` retries
     from the pivot with guidance when the reflection is valid, not ``success`` and the pivot is in range
@@ -91,9 +83,11 @@ class R3LExplorer(GroupExplorer):
     - ``reflection_prompt``, ``guidance_template``: the prompts (defaults in :mod:`r3l_lightning.prompts`).
     """
 
-    # Subclasses (Reflect-GRPO, Critique-GRPO) reflect on failures only and/or retry from scratch.
-    reflect_on: Literal["all", "failures"] = "all"
-    retry_from_scratch: bool = False
+    sample_kinds: ClassVar[tuple[SampleKind, ...]] = ("base", "distill", "reflection", "retry", "sft_reflect",
+                                                      "sft_retry")
+    guidance_fields: ClassVar[tuple[str, ...]] = ("report",)  # the fields guidance_template must name
+    averaged_stats = GroupExplorer.averaged_stats | {"valid_reflection_rate", "retry_trigger_rate",
+                                                     "retry_improvement_rate", "mean_pivot"}
 
     def __init__(
         self,
@@ -149,125 +143,108 @@ class R3LExplorer(GroupExplorer):
         self.correction_loss = correction_loss
         self.keep_success_reflections = keep_success_reflections
         self.reflection_prompt = reflection_prompt
-        self.guidance_template = check_template("guidance_template", guidance_template, "report")
+        self.guidance_template = check_template("guidance_template", guidance_template, *self.guidance_fields)
 
-    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
-        self._calls += 1
-        counters = RolloutCounters()
-        per_task = self.group_size // 2
-        pairs = self._reflect_and_retry(tasks, per_task, ctx, counters)
-        result = ExplorationResult()
-        for i, task in enumerate(tasks):
-            task_pairs = pairs[i * per_task : (i + 1) * per_task]
-            trajectories, pivots = [], []
-            for pair in task_pairs:
-                pivot = self._credit_pivot(pair)
-                for trajectory in [pair.base] + [self._distill(pair, retry) for retry in pair.retries]:
-                    trajectories.append(trajectory)
-                    pivots.append(pivot)
-            samples = self.make_group(ctx, trajectories, pivots, task.task_id, counters)
-            corrections = [self._corrections([p], ctx, task.task_id, counters) for p in task_pairs]  # per pair
-            record = pairs_record(task, task_pairs, trajectories, samples, corrections)
-            flat = [s for pair_corrections in corrections for s in pair_corrections]
-            if self.correction_loss == "sft":
-                result.sft += flat
-            else:  # one-sample RL groups, packed with their task's group
-                samples += flat
-            if samples:
-                result.groups.append(samples)
-            result.records.append(record)
-        result.stats = self._stats(pairs, result, counters)
-        return result
+    # ----- the algorithm -------------------------------------------------------------------------
+    def explore_groups(self, groups: list[TaskGroup], ctx: RolloutContext, counters: RolloutCounters) -> None:
+        self.rollout(groups, self.group_size // 2, ctx, counters)  # 1. N/2 base trajectories per task
+        attempts = [a for g in groups for a in g.attempts]
+        self.reflect(attempts, ctx, counters)  # 2. a reflection on each
+        self.retry(attempts, ctx, counters)  # 3. guided retries from the pivot
+        for group in groups:
+            self.make_group(ctx, group, [c for a in group.attempts for c in self.candidates(a)], counters)  # 4.
+            for attempt in group.attempts:
+                self.add_corrections(ctx, group, attempt, counters)  # 5. verified corrections
 
-    def _pair(self, task: Task, trajectory: Trajectory, ctx: RolloutContext) -> _Pair:
-        return _Pair(task, trajectory, reflection_messages(trajectory, ctx.env.system_prompt(), self.reflection_prompt))
-
-    def _reflect_and_retry(self, tasks: list[Task], per_task: int, ctx: RolloutContext,
-                           counters: RolloutCounters) -> list[_Pair]:
-        """``per_task`` base trajectories of every task (task-major), a reflection on each, their retries."""
-        base_groups = self.rollout(tasks, per_task, ctx, counters)
-        pairs = [self._pair(task, t, ctx) for task, group in zip(tasks, base_groups) for t in group]
-        self._reflect(pairs, ctx, counters)
-        self._retry(pairs, ctx, counters)
-        return pairs
-
-    def _reflect(self, pairs: list[_Pair], ctx: RolloutContext, counters: RolloutCounters) -> None:
-        if self.reflect_on == "failures":
-            pairs = [p for p in pairs if not is_success(p.base.reward)]
+    # ----- step 2: reflection ----------------------------------------------------------------------
+    def reflect(self, attempts: list[Attempt], ctx: RolloutContext, counters: RolloutCounters) -> None:
+        """Reflect on every attempt :meth:`reflects_on` accepts: sets ``reflection_prompt``, ``reflection``
+        and (:meth:`read_reflection`) ``report`` / ``invalid_reason``. One batched generate call."""
         limit = ctx.engine.max_context()
-        fitting, prompts = [], []
-        for pair in pairs:
-            prompt = ctx.chat.prompt_ids(pair.reflection_messages)
+        reflected, prompts = [], []
+        for attempt in attempts:
+            if not self.reflects_on(attempt):
+                continue
+            attempt.reflection_prompt = self.reflection_messages(attempt, ctx)
+            prompt = ctx.chat.prompt_ids(attempt.reflection_prompt)
             if limit is not None and len(prompt) + self.reflection_sampling.max_new_tokens > limit:
                 counters.add("reflection_context_overflows")  # no reflection, so no retry: as an invalid one
-                pair.invalid_reason = "context_overflow"
+                attempt.invalid_reason = "context_overflow"
                 continue
-            fitting.append(pair)
+            reflected.append(attempt)
             prompts.append(prompt)
-        pairs = fitting
-        if not pairs:
+        if not reflected:
             return
-        params = self._params(self.reflection_sampling, 1)
-        constraints = None
-        if self.reflection_decoding == "schema":
-            constraints = [
-                Constraint(json_schema=report_schema(p.base.num_turns, p.base.reward, ctx.env.max_reward,
-                                                     self.reflection_field_max_chars))
-                if p.base.num_turns > 0 else None
-                for p in pairs
-            ]
-        outputs = ctx.generate(prompts, params, "reflection", constraints)
-        for pair, (completion,) in zip(pairs, outputs):
+        constraints = [self.reflection_constraint(a, ctx) for a in reflected]
+        outputs = ctx.generate(prompts, self.sampling_params(self.reflection_sampling, 1), "reflection", constraints)
+        for attempt, (completion,) in zip(reflected, outputs):
             counters.add("tokens_reflection", len(completion.token_ids))
-            pair.reflection_response = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)
-            reflection, reason = parse_reflection(pair.reflection_response.content, pair.base.num_turns)
-            if reflection is None:
+            attempt.reflection = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)
+            attempt.report, attempt.invalid_reason = self.read_reflection(attempt, attempt.reflection.content)
+            if attempt.invalid_reason:
                 counters.add("invalid_reflections")
-                counters.add(f"invalid_reflection_{reason}")
-                log.debug("invalid reflection (%s): %.200s", reason, pair.reflection_response.content)
-            pair.reflection, pair.invalid_reason = reflection, reason
+                counters.add(f"invalid_reflection_{attempt.invalid_reason}")
+                log.debug("invalid reflection (%s): %.200s", attempt.invalid_reason, attempt.reflection.content)
 
-    def _retry(self, pairs: list[_Pair], ctx: RolloutContext, counters: RolloutCounters) -> None:
-        attempts: list[tuple[_Pair, EpisodeState]] = []
-        for pair in pairs:
-            if not self._triggers_retry(pair):
+    def reflects_on(self, attempt: Attempt) -> bool:
+        """Whether ``attempt`` gets a reflection (R³L: every one)."""
+        return True
+
+    def reflection_messages(self, attempt: Attempt, ctx: RolloutContext) -> list[Message]:
+        """The messages a reflection on ``attempt`` is asked with (R³L: the JSON report request)."""
+        return reflection_messages(attempt.base, ctx.env.system_prompt(), self.reflection_prompt)
+
+    def reflection_constraint(self, attempt: Attempt, ctx: RolloutContext) -> Constraint | None:
+        """What the reflection is decoded under: the report's JSON schema (``reflection_decoding: schema``)."""
+        if self.reflection_decoding != "schema" or attempt.base.num_turns == 0:
+            return None
+        return Constraint(json_schema=report_schema(attempt.base.num_turns, attempt.base.reward, ctx.env.max_reward,
+                                                    self.reflection_field_max_chars))
+
+    def read_reflection(self, attempt: Attempt, text: str) -> tuple[Reflection | None, str]:
+        """The validated report of ``text``, or None and why it is invalid (R³L: :func:`parse_reflection`)."""
+        return parse_reflection(text, attempt.base.num_turns)
+
+    # ----- step 3: retries -----------------------------------------------------------------------
+    def retry(self, attempts: list[Attempt], ctx: RolloutContext, counters: RolloutCounters) -> None:
+        """``retries_per_base`` guided retries of every attempt :meth:`wants_retry` accepts, all stepped
+        together from their :meth:`retry_start`; a replay that fails costs that retry."""
+        started: list[tuple[Attempt, EpisodeState]] = []
+        for attempt in attempts:
+            if not self.wants_retry(attempt):
                 continue
             counters.add("retries_triggered")
             for _ in range(self.retries_per_base):
-                state = self._restore(pair, ctx, counters)
+                state = self.restore(attempt, ctx, counters)
                 if state is None:
                     break
-                attempts.append((pair, state))
-        run_episodes(ctx, [s for _, s in attempts], self._params(self.sampling, 2), counters, "tokens_retry")
-        for pair, state in attempts:  # in attempt order
-            pair.retries.append(state.trajectory)
-            pair.pivot = self._pivot(pair)
+                started.append((attempt, state))
+        run_episodes(ctx, [s for _, s in started], self.sampling_params(self.sampling, 2), counters, "tokens_retry")
+        for attempt, state in started:  # in start order
+            attempt.retries.append(state.trajectory)
+            attempt.pivot = self.retry_start(attempt)
         if self.retry_selection == "best":
-            for pair in pairs:
-                if pair.retries:
-                    pair.retries = [max(pair.retries, key=lambda t: t.reward)]  # max keeps the first of equals
+            for attempt in attempts:
+                if attempt.retries:
+                    attempt.retries = [max(attempt.retries, key=lambda t: t.reward)]  # max keeps the first of equals
 
-    def _triggers_retry(self, pair: _Pair) -> bool:
-        """A valid reflection that asks for a retry, of an episode the environment did not crash in."""
-        return pair.reflection is not None and pair.reflection.wants_retry and not pair.base.info.get("error")
+    def wants_retry(self, attempt: Attempt) -> bool:
+        """A valid report that asks for a retry, of an episode the environment did not crash in."""
+        return attempt.report is not None and attempt.report.wants_retry and not attempt.base.info.get("error")
 
-    def _pivot(self, pair: _Pair) -> int:
-        """The turn a retry starts from: the reflection's pivot, or 0 when retrying from scratch."""
-        return 0 if self.retry_from_scratch else pair.reflection.retry_from_step
+    def retry_start(self, attempt: Attempt) -> int:
+        """The turn a retry starts from (R³L: the report's pivot)."""
+        return attempt.report.retry_from_step
 
-    def _credit_pivot(self, pair: _Pair) -> int:
-        """First trainable turn of a pair's samples: the pivot of a retried pair under pivotal credit, else 0."""
-        return pair.pivot if pair.retries and self.pivotal_credit else 0
-
-    def _guidance(self, pair: _Pair) -> str:
+    def guidance(self, attempt: Attempt) -> str:
         """The text a retry is guided by: the reflection report in ``guidance_template``."""
-        return guidance_text(pair.reflection, self.guidance_template)
+        return guidance_text(attempt.report, self.guidance_template)
 
-    def _restore(self, pair: _Pair, ctx: RolloutContext, counters: RolloutCounters) -> EpisodeState | None:
-        """A new episode restored to the pivot turn, with guidance inserted; None on replay mismatch."""
-        k = self._pivot(pair)
-        base = pair.base
-        state = start_episode(ctx, pair.task, counters, kind="sft_retry")
+    def restore(self, attempt: Attempt, ctx: RolloutContext, counters: RolloutCounters) -> EpisodeState | None:
+        """A new episode restored to the retry's start turn, with guidance inserted; None on replay mismatch."""
+        k = self.retry_start(attempt)
+        base = attempt.base
+        state = start_episode(ctx, attempt.task, counters)
         if state.done:
             return None
         try:
@@ -279,7 +256,7 @@ class R3LExplorer(GroupExplorer):
             counters.add("replay_mismatches")
             state.episode.close()
             return None
-        guidance = self._guidance(pair)
+        guidance = self.guidance(attempt)
         prefix = _prefix_messages(base, k)
         if k == 0:
             system = prefix[0]
@@ -293,70 +270,79 @@ class R3LExplorer(GroupExplorer):
         state.turns = k
         return state
 
-    def _distill(self, pair: _Pair, retry: Trajectory, kind: SampleKind = "distill") -> Trajectory:
+    # ----- step 4: the group -----------------------------------------------------------------------
+    def candidates(self, attempt: Attempt) -> list[Candidate]:
+        """The attempt's base and the distill copy of each retry, from its credit pivot on."""
+        credit = self.credit_pivot(attempt)
+        return [Candidate(attempt, attempt.base, "base", credit)] + [
+            Candidate(attempt, self.distill(attempt, retry), "distill", credit) for retry in attempt.retries]
+
+    def credit_pivot(self, attempt: Attempt) -> int:
+        """First trainable turn of an attempt's samples: the pivot of a retried attempt under pivotal credit, else 0."""
+        return attempt.pivot if attempt.retries and self.pivotal_credit else 0
+
+    def distill(self, attempt: Attempt, retry: Trajectory) -> Trajectory:
         """ORIGINAL prefix (no guidance) + the retry's suffix: what the model must learn unaided."""
-        prefix = _prefix_messages(pair.base, pair.pivot)
-        suffix = retry.messages[len(prefix) + (0 if pair.pivot == 0 else 1) :]
+        prefix = _prefix_messages(attempt.base, attempt.pivot)
+        suffix = retry.messages[len(prefix) + (0 if attempt.pivot == 0 else 1) :]
         distill = copy.copy(retry)
         distill.messages = prefix + suffix
-        distill.kind = kind
         return distill
 
-    def _admits(self, base: Trajectory, retry: Trajectory) -> bool:
-        """Whether ``retry`` is a verified correction of ``base`` under ``sft_rule``."""
+    # ----- step 5: verified corrections ------------------------------------------------------------
+    def admits(self, attempt: Attempt, retry: Trajectory) -> bool:
+        """Whether ``retry`` is a verified correction of the attempt's base under ``sft_rule``."""
+        base = attempt.base
         if self.sft_rule == "paper":
             return retry.reward > base.reward
         if self.sft_rule == "reference":
             return is_success(retry.reward) and (retry.reward > base.reward or retry.num_turns < base.num_turns)
         return False
 
-    def _corrections(self, pairs: list[_Pair], ctx: RolloutContext, group_id: str,
-                     counters: RolloutCounters) -> list[TrainingSample]:
-        """The reflection and the guided retry of every verified correction (and kept success reflections)."""
-        samples = []
-        for pair in pairs:
-            if pair.reflection_response is None:
-                continue
-            admitted = [retry for retry in pair.retries if self._admits(pair.base, retry)]
-            success_kept = (self.keep_success_reflections and pair.reflection is not None
-                            and pair.reflection.outcome == "success" and is_success(pair.base.reward))
-            if admitted or success_kept:
-                reflection = Trajectory(pair.reflection_messages + [pair.reflection_response], task_id=group_id)
-                samples.append(self._correction(ctx, reflection, 0, "sft_reflect", "reflection", group_id, counters))
-            for retry in admitted:
-                samples.append(self._correction(ctx, retry, self._credit_pivot(pair), "sft_retry", "retry", group_id,
-                                                counters))
-        return samples
+    def add_corrections(self, ctx: RolloutContext, group: TaskGroup, attempt: Attempt,
+                        counters: RolloutCounters) -> None:
+        """The reflection and the guided retry of every verified correction (and of a kept success reflection)."""
+        if attempt.reflection is None:
+            return
+        admitted = [retry for retry in attempt.retries if self.admits(attempt, retry)]
+        success_kept = (self.keep_success_reflections and attempt.report is not None
+                        and attempt.report.outcome == "success" and is_success(attempt.base.reward))
+        if admitted or success_kept:
+            reflection = Trajectory(attempt.reflection_prompt + [attempt.reflection], task_id=group.task.task_id)
+            self.add_correction(ctx, group, attempt, reflection, 0, "sft_reflect", "reflection", None, counters)
+        for retry in admitted:
+            self.add_correction(ctx, group, attempt, retry, self.credit_pivot(attempt), "sft_retry", "retry",
+                                retry.reward, counters)
 
-    def _correction(self, ctx: RolloutContext, trajectory: Trajectory, pivot: int, sft_kind: SampleKind,
-                    rl_kind: SampleKind, group_id: str, counters: RolloutCounters) -> TrainingSample:
+    def add_correction(self, ctx: RolloutContext, group: TaskGroup, attempt: Attempt, trajectory: Trajectory,
+                       pivot: int, sft_kind: SampleKind, rl_kind: SampleKind, reward: float | None,
+                       counters: RolloutCounters) -> None:
         """A correction as an SFT sample, or (``correction_loss: reinforce``) as a one-sample group of reward 1."""
         if self.correction_loss == "sft":
-            return make_sample(ctx.chat.tokenize(trajectory.messages), 1.0, sft_kind, pivot, group_id)
-        lone = copy.copy(trajectory)
-        lone.reward, lone.kind = 1.0, rl_kind
-        (sample,) = self.make_group(ctx, [lone], [pivot], group_id, counters)
-        return sample
+            self.add_sample(ctx, group, attempt, trajectory.messages, sft_kind, 1.0, pivot, reward, objective="sft")
+        else:
+            self.make_group(ctx, group, [Candidate(attempt, trajectory, rl_kind, pivot, reward=1.0, objective="policy")],
+                            counters)
 
-    def _stats(self, pairs: list[_Pair], result: ExplorationResult, counters: RolloutCounters) -> dict[str, float]:
-        stats = base_stats([p.base.reward for p in pairs], counters)
-        n = max(len(pairs), 1)
-        retried = [p for p in pairs if p.retries]
-        retries = [(p, r) for p in retried for r in p.retries]
-        reflected = [p for p in pairs if p.reflection_response is not None]
-        stats["valid_reflection_rate"] = sum(p.reflection is not None for p in reflected) / max(len(reflected), 1)
-        stats["retry_trigger_rate"] = counters.counts["retries_triggered"] / n
-        stats["retry_improvement_rate"] = (
-            sum(r.reward > p.base.reward for p, r in retries) / len(retries) if retries else 0.0
-        )
-        stats["mean_pivot"] = sum(p.pivot for p in retried) / len(retried) if retried else 0.0
-        stats["reflections"] = float(len(reflected))  # counts for the per-epoch console summary
-        stats["retries"] = float(len(retries))
-        stats["retries_improved"] = float(sum(r.reward > p.base.reward for p, r in retries))
-        kinds = [s.kind for g in result.groups for s in g] + [s.kind for s in result.sft]
-        for kind in ("base", "distill", "reflection", "retry", "sft_reflect", "sft_retry"):
-            stats[f"samples_{kind}"] = float(kinds.count(kind))
-        return stats
+    # ----- statistics ------------------------------------------------------------------------------
+    def stats(self, groups: list[TaskGroup], counters: RolloutCounters) -> dict[str, float]:
+        return self.reflection_stats([a for g in groups for a in g.attempts], counters)
+
+    def reflection_stats(self, attempts: list[Attempt], counters: RolloutCounters) -> dict[str, float]:
+        """Reflection validity, retry trigger and improvement rates, mean pivot, counts (over ``attempts``)."""
+        retried = [a for a in attempts if a.retries]
+        retries = [(a, r) for a in retried for r in a.retries]
+        reflected = [a for a in attempts if a.reflection is not None]
+        improved = sum(r.reward > a.base.reward for a, r in retries)
+        return {
+            "valid_reflection_rate": sum(a.report is not None for a in reflected) / max(len(reflected), 1),
+            "retry_trigger_rate": counters.counts["retries_triggered"] / max(len(attempts), 1),
+            "retry_improvement_rate": improved / len(retries) if retries else 0.0,
+            "mean_pivot": sum(a.pivot for a in retried) / len(retried) if retried else 0.0,
+            "reflections": float(len(reflected)),  # counts for the per-epoch console summary
+            "retries": float(len(retries)),
+            "retries_improved": float(improved),
+        }
 
 
 def _prefix_messages(trajectory: Trajectory, k: int) -> list[Message]:

@@ -1,28 +1,23 @@
-"""``RAFTExplorer``: reward-ranked fine-tuning — successful samples become SFT data, nothing else."""
+"""``RAFTExplorer``: reward-ranked fine-tuning. For every task: roll out N trajectories; each successful one
+becomes an SFT sample; nothing else trains."""
 
 from __future__ import annotations
 
-from r3l_lightning.envs.base import Task
-from r3l_lightning.explore.base import ExplorationResult, base_stats, is_success
+from r3l_lightning.explore.attempt import TaskGroup
+from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters
 from r3l_lightning.explore.group import GroupExplorer
-from r3l_lightning.explore.records import trajectories_record
-from r3l_lightning.trajectory import make_sample
 
 
 class RAFTExplorer(GroupExplorer):
     """RAFT: ``group_size`` samples per task; successful trajectories become SFT samples, nothing else."""
 
-    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
-        self._calls += 1
-        counters = RolloutCounters()
-        groups = self.rollout(tasks, self.group_size, ctx, counters)
-        result = ExplorationResult()
-        for task, group in zip(tasks, groups):
-            sft = [make_sample(ctx.chat.tokenize(t.messages), 1.0, "sft_success", 0, t.task_id)
-                   if is_success(t.reward) else None for t in group]
-            result.sft += [s for s in sft if s is not None]
-            result.records.append(trajectories_record(task, group, sft))
-        result.stats = base_stats([t.reward for group in groups for t in group], counters)
-        result.stats["samples_sft_success"] = float(len(result.sft))
-        return result
+    sample_kinds = ("sft_success",)
+
+    def explore_groups(self, groups: list[TaskGroup], ctx: RolloutContext, counters: RolloutCounters) -> None:
+        self.rollout(groups, self.group_size, ctx, counters)
+        for group in groups:
+            for attempt in group.attempts:
+                if is_success(attempt.base.reward):
+                    self.add_sample(ctx, group, attempt, attempt.base.messages, "sft_success",
+                                    reward=attempt.base.reward, objective="sft")

@@ -1,32 +1,30 @@
-"""``ReflectGRPOExplorer``: Reflect-GRPO as the reference code intends it (``dapo/reflect_grpo_workflow.py``)."""
+"""``ReflectGRPOExplorer``: Reflect-GRPO as the reference code intends it (``dapo/reflect_grpo_workflow.py``).
+
+For every task (:meth:`ReflectGRPOExplorer.explore_groups`):
+
+1. roll out N trajectories from the task's prompt; the first N/2 are plain samples, the other N/2 attempts;
+2. reflect on each failed attempt (R < 1; R³L's JSON report);
+3. a valid report that asks for a retry is followed by a retry FROM SCRATCH with the report as guidance in
+   the system prompt;
+4. the group is the N samples and each retry's distill copy (the original prompt, guidance removed): N to
+   1.5·N samples, GRPO advantages over all of them, every assistant turn trainable; no SFT data.
+"""
 
 from __future__ import annotations
 
 from r3l_lightning.advantages import AdvantageMode
-from r3l_lightning.envs.base import Task
-from r3l_lightning.explore.base import ExplorationResult, base_stats
+from r3l_lightning.explore.attempt import Attempt, TaskGroup
+from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters
 from r3l_lightning.explore.r3l import R3LExplorer
 from r3l_lightning.prompts import GUIDANCE_TEMPLATE, REFLECTION_SYSTEM_PROMPT
 
 
 class ReflectGRPOExplorer(R3LExplorer):
-    """Reflect-GRPO: GRPO whose failed attempts get one reflect-and-retry from scratch.
+    """Reflect-GRPO: GRPO whose failed attempts get one reflect-and-retry from scratch (steps: module docstring).
 
-    Per task, ``group_size`` = N samples from scratch:
-
-    1. the first N/2 are plain samples;
-    2. each of the other N/2 (the attempts) that fails (R < 1) gets a reflection (R³L's JSON report);
-    3. a valid reflection that asks for a retry is followed by a retry FROM SCRATCH with the report as
-       guidance in the system prompt;
-    4. the retry's distill copy (the original prompt, guidance removed) joins the group, so a group holds
-       N to 1.5·N samples; GRPO advantages over all of them, every assistant turn trainable, no SFT data.
-
-    The reflection and retry steps are R³L's (reflection on failures only, pivot 0).
+    The reflection and retry steps are R³L's, reflecting on failures only and retrying from turn 0.
     """
-
-    reflect_on = "failures"
-    retry_from_scratch = True
 
     def __init__(
         self,
@@ -49,21 +47,23 @@ class ReflectGRPOExplorer(R3LExplorer):
             reflection_prompt=reflection_prompt, guidance_template=guidance_template, seed=seed,
         )
 
-    def explore(self, tasks: list[Task], ctx: RolloutContext) -> ExplorationResult:
-        self._calls += 1
-        counters = RolloutCounters()
-        plain = self.group_size // 2
-        samples = self.rollout(tasks, self.group_size, ctx, counters)
-        attempts = [[self._pair(task, t, ctx) for t in group[plain:]] for task, group in zip(tasks, samples)]
-        pairs = [pair for task_pairs in attempts for pair in task_pairs]
-        self._reflect(pairs, ctx, counters)
-        self._retry(pairs, ctx, counters)
-        result = ExplorationResult()
-        for task, group, task_pairs in zip(tasks, samples, attempts):
-            trajectories = group[:plain]
-            for pair in task_pairs:
-                trajectories += [pair.base] + [self._distill(pair, retry) for retry in pair.retries]
-            result.groups.append(self.make_group(ctx, trajectories, [0] * len(trajectories), task.task_id, counters))
-        result.stats = self._stats(pairs, result, counters)
-        result.stats.update(base_stats([t.reward for group in samples for t in group], counters))
-        return result
+    def explore_groups(self, groups: list[TaskGroup], ctx: RolloutContext, counters: RolloutCounters) -> None:
+        self.rollout(groups, self.group_size, ctx, counters)  # 1. N samples per task
+        attempts = [a for g in groups for a in self.reflectable(g)]
+        self.reflect(attempts, ctx, counters)  # 2. reflections on the failed attempts
+        self.retry(attempts, ctx, counters)  # 3. guided retries from scratch
+        for group in groups:  # 4. the N samples and the distilled retries
+            self.make_group(ctx, group, [c for a in group.attempts for c in self.candidates(a)], counters)
+
+    def reflectable(self, group: TaskGroup) -> list[Attempt]:
+        """The group's attempts: its last N/2 samples (the first N/2 are plain)."""
+        return group.attempts[self.group_size // 2 :]
+
+    def reflects_on(self, attempt: Attempt) -> bool:
+        return not is_success(attempt.base.reward)
+
+    def retry_start(self, attempt: Attempt) -> int:
+        return 0
+
+    def stats(self, groups: list[TaskGroup], counters: RolloutCounters) -> dict[str, float]:
+        return self.reflection_stats([a for g in groups for a in self.reflectable(g)], counters)
