@@ -44,8 +44,10 @@ def test_r3l_record_holds_trajectories_reflection_pivot_retry_and_every_sample(t
     assert (base["reward"], base["turns"], base["truncated"], base["error"]) == (0.0, 3, False, None)
     assert [m["role"] for m in base["messages"]] == ["system", "user", "assistant"] * 1 + ["user", "assistant"] * 2
     assert base["observations"][0] == "Guess the secret word." and base["feedback"] == "Final: 'pear' is wrong."
-    assert attempt["reflection"] == {"text": json.dumps(REFLECTION), "report": REFLECTION, "invalid_reason": None}
+    assert attempt["reflection"] == {"text": json.dumps(REFLECTION), "report": REFLECTION, "invalid_reason": None,
+                                     "author": "policy", "informative": True, "uninformative_reason": None}
     assert attempt["pivot"] == 1
+    assert attempt["retry_same_as_base"] is False  # "apple" at the pivot, where the base said "pear"
     retry = attempt["retry"]
     assert retry["reward"] == 1.0 and retry["turns"] == 2  # step 0 replayed, step 1 "apple"
     assert [m.get("guidance", False) for m in retry["messages"]].count(True) == 1
@@ -64,8 +66,9 @@ def test_r3l_record_holds_trajectories_reflection_pivot_retry_and_every_sample(t
 def test_invalid_reflection_is_recorded_with_its_reason_and_no_retry(tiny_chat):
     result = explore(tiny_chat, R3LExplorer(group_size=4), script("I think it went badly"))
     attempt = result.records[0]["attempts"][0]
-    assert attempt["reflection"] == {"text": "I think it went badly", "report": None, "invalid_reason": "no_json"}
-    assert attempt["pivot"] is None and attempt["retry"] is None
+    assert attempt["reflection"] == {"text": "I think it went badly", "report": None, "invalid_reason": "no_json",
+                                     "author": "policy", "informative": False, "uninformative_reason": None}
+    assert attempt["pivot"] is None and attempt["retry"] is None and attempt["retry_same_as_base"] is None
     assert [(s["kind"], s["advantage"]) for s in attempt["samples"]] == [("base", 0.0)]  # equal rewards: no signal
 
 

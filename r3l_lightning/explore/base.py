@@ -50,6 +50,20 @@ def is_success(reward: float) -> bool:
     return reward >= 1.0
 
 
+def signal_stats(groups: list[TaskGroup]) -> dict[str, float]:
+    """How much RL signal the groups carry: ``frac_reward_zero_std``, the fraction of groups whose RL samples all
+    have the same reward (no contrast; TRL's ``frac_reward_zero_std``), and ``frac_nonzero_advantage``, the
+    fraction of RL samples whose advantage is not 0 (the others train nothing)."""
+    rl = [[s for s in g.samples if s.objective != "sft"] for g in groups]
+    rl = [samples for samples in rl if samples]
+    rewards = [{s.reward for s in samples} for samples in rl]
+    flat = [s for samples in rl for s in samples]
+    return {
+        "frac_reward_zero_std": sum(len(r) <= 1 for r in rewards) / len(rl) if rl else 0.0,
+        "frac_nonzero_advantage": sum(s.advantage != 0 for s in flat) / len(flat) if flat else 0.0,
+    }
+
+
 class Explorer(ABC):
     """Produces training data for a batch of tasks with the current policy (the contract: module docstring).
 
@@ -57,7 +71,8 @@ class Explorer(ABC):
     """
 
     sample_kinds: ClassVar[tuple[SampleKind, ...]] = ("base",)  # the samples_<kind> counts in the stats
-    averaged_stats: ClassVar[frozenset[str]] = frozenset({"base_reward_mean", "base_success_rate"})
+    averaged_stats: ClassVar[frozenset[str]] = frozenset({"base_reward_mean", "base_success_rate",
+                                                          "frac_reward_zero_std", "frac_nonzero_advantage"})
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -92,6 +107,7 @@ class Explorer(ABC):
         n = max(len(rewards), 1)
         stats["base_reward_mean"] = sum(rewards) / n
         stats["base_success_rate"] = sum(is_success(r) for r in rewards) / n
+        stats.update(signal_stats(groups))
         kinds = Counter(s.kind for g in groups for s in g.samples)
         stats.update({f"samples_{kind}": float(kinds[kind]) for kind in self.sample_kinds})
         stats.update(self.stats(groups, counters))

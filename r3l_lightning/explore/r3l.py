@@ -33,18 +33,23 @@ from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.episodes import EpisodeState, RolloutContext, RolloutCounters, run_episodes, start_episode
 from r3l_lightning.explore.group import Candidate, GroupExplorer
 from r3l_lightning.explore.reflection import (
+    FIELDS,
     Reflection,
     guidance_text,
+    informativeness,
     parse_reflection,
     reflection_messages,
     report_schema,
 )
+from r3l_lightning.explore.reflectors import REFLECTORS, PolicyReflector, ReflectionRequest, Reflector
 from r3l_lightning.prompts import GUIDANCE_TEMPLATE, REFLECTION_SYSTEM_PROMPT, check_template
 from r3l_lightning.trajectory import Message, SampleKind, Trajectory
 
 log = logging.getLogger(__name__)
 
 SFTRule = Literal["paper", "reference", "none"]
+ReflectionSchema = Literal["paper", "grounded"]
+GuidancePlacement = Literal["paper", "after_observation"]
 CorrectionLoss = Literal["sft", "reinforce"]
 RetrySelection = Literal["all", "best"]
 
@@ -80,14 +85,30 @@ class R3LExplorer(GroupExplorer):
       ``reflection_field_max_chars=None`` sizes the free-text fields to the token budget:
       ``reflection_max_new_tokens − 64`` characters each (the JSON skeleton takes ~50 tokens and text runs
       at ≥ 3 characters per token, so three full fields still fit).
-    - ``reflection_prompt``, ``guidance_template``: the prompts (defaults in :mod:`r3l_lightning.prompts`).
+    - ``reflection_prompt``, ``guidance_template``: the prompts (defaults in :mod:`r3l_lightning.prompts`);
+      the template names ``{report}`` (the JSON report) or any report field (``{improvement_suggestion}``).
+    - ``reflector`` (who writes the report; :mod:`r3l_lightning.explore.reflectors`): ``policy`` (the paper),
+      ``reference`` (the environment, from the task's known solution: a teacher), or a
+      :class:`~r3l_lightning.explore.reflectors.Reflector` object, e.g.
+      ``{class_path: r3l_lightning.explore.reflectors.EngineReflector, init_args: {model: ...}}`` (another
+      model; ``endpoint: http://host:port/v1`` for an OpenAI-compatible server). The policy always generates the
+      retry itself.
+    - ``reflection_schema``: ``paper`` (the five fields) or ``grounded`` (**departs from the paper**): the
+      environment adds fields whose values a retry can act on, decoded under the same schema
+      (:meth:`~r3l_lightning.envs.base.Environment.grounded_fields`: Countdown's equation to try, ALFWorld's and
+      ScienceWorld's corrected action at the pivot among the admissible actions, math's first wrong step and
+      corrected value); the guidance ends with them.
+    - ``guidance_placement``: ``paper`` (the spec: in the system prompt when the pivot is turn 0, as a system
+      message before the pivot's observation otherwise) or ``after_observation`` (a system message right after
+      the pivot's observation, just before the retried response, for every pivot).
     """
 
     sample_kinds: ClassVar[tuple[SampleKind, ...]] = ("base", "distill", "reflection", "retry", "sft_reflect",
                                                       "sft_retry")
     guidance_fields: ClassVar[tuple[str, ...]] = ("report",)  # the fields guidance_template must name
     averaged_stats = GroupExplorer.averaged_stats | {"valid_reflection_rate", "retry_trigger_rate",
-                                                     "retry_improvement_rate", "mean_pivot"}
+                                                     "retry_improvement_rate", "mean_pivot",
+                                                     "informative_reflection_rate", "retry_same_as_base_rate"}
 
     def __init__(
         self,
@@ -110,6 +131,9 @@ class R3LExplorer(GroupExplorer):
         keep_success_reflections: bool = False,
         reflection_prompt: str = REFLECTION_SYSTEM_PROMPT,
         guidance_template: str = GUIDANCE_TEMPLATE,
+        reflector: Literal["policy", "reference"] | Reflector = "policy",
+        reflection_schema: ReflectionSchema = "paper",
+        guidance_placement: GuidancePlacement = "paper",
         seed: int = 0,
     ) -> None:
         super().__init__(group_size, temperature, top_p, max_new_tokens, advantage, alpha, singleton, seed=seed)
@@ -143,7 +167,20 @@ class R3LExplorer(GroupExplorer):
         self.correction_loss = correction_loss
         self.keep_success_reflections = keep_success_reflections
         self.reflection_prompt = reflection_prompt
-        self.guidance_template = check_template("guidance_template", guidance_template, *self.guidance_fields)
+        self.guidance_template = self.check_guidance_template(guidance_template)
+        self.reflector = _reflector(reflector)
+        for name, value, options in (("reflection_schema", reflection_schema, ("paper", "grounded")),
+                                     ("guidance_placement", guidance_placement, ("paper", "after_observation"))):
+            if value not in options:
+                raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+        self.reflection_schema = reflection_schema
+        self.guidance_placement = guidance_placement
+
+    def check_guidance_template(self, template: str) -> str:
+        """``template`` if it names ``{report}`` or a report field; otherwise a ValueError saying so."""
+        if any("{" + f + "}" in template for f in FIELDS):
+            return template
+        return check_template("guidance_template", template, *self.guidance_fields)
 
     # ----- the algorithm -------------------------------------------------------------------------
     def explore_groups(self, groups: list[TaskGroup], ctx: RolloutContext, counters: RolloutCounters) -> None:
@@ -158,33 +195,53 @@ class R3LExplorer(GroupExplorer):
 
     # ----- step 2: reflection ----------------------------------------------------------------------
     def reflect(self, attempts: list[Attempt], ctx: RolloutContext, counters: RolloutCounters) -> None:
-        """Reflect on every attempt :meth:`reflects_on` accepts: sets ``reflection_prompt``, ``reflection``
-        and (:meth:`read_reflection`) ``report`` / ``invalid_reason``. One batched generate call."""
-        limit = ctx.engine.max_context()
-        reflected, prompts = [], []
+        """Reflect on every attempt :meth:`reflects_on` accepts: the ``reflector`` writes the reports (one batch),
+        which set ``reflection``, ``report`` / ``invalid_reason`` (:meth:`read_reflection`) and
+        ``uninformative_reason`` (:func:`~r3l_lightning.explore.reflection.informativeness`)."""
+        uses_engine = isinstance(self.reflector, PolicyReflector)
+        limit = ctx.engine.max_context() if uses_engine else None
+        requests: list[ReflectionRequest] = []
+        reflected: list[Attempt] = []
         for attempt in attempts:
             if not self.reflects_on(attempt):
                 continue
+            if self.reflection_schema == "grounded" and attempt.base.num_turns > 0:
+                attempt.grounded = ctx.env.grounded_fields(attempt.task, attempt.base)
             attempt.reflection_prompt = self.reflection_messages(attempt, ctx)
-            prompt = ctx.chat.prompt_ids(attempt.reflection_prompt)
-            if limit is not None and len(prompt) + self.reflection_sampling.max_new_tokens > limit:
-                counters.add("reflection_context_overflows")  # no reflection, so no retry: as an invalid one
-                attempt.invalid_reason = "context_overflow"
-                continue
+            if limit is not None:
+                prompt = ctx.chat.prompt_ids(attempt.reflection_prompt)
+                if len(prompt) + self.reflection_sampling.max_new_tokens > limit:
+                    counters.add("reflection_context_overflows")  # no reflection, so no retry: as an invalid one
+                    attempt.invalid_reason = "context_overflow"
+                    continue
             reflected.append(attempt)
-            prompts.append(prompt)
+            requests.append(ReflectionRequest(attempt.task, attempt.base, attempt.reflection_prompt,
+                                              self.reflection_constraint(attempt, ctx),
+                                              FIELDS + tuple(g.name for g in attempt.grounded)))
         if not reflected:
             return
-        constraints = [self.reflection_constraint(a, ctx) for a in reflected]
-        outputs = ctx.generate(prompts, self.sampling_params(self.reflection_sampling, 1), "reflection", constraints)
-        for attempt, (completion,) in zip(reflected, outputs):
-            counters.add("tokens_reflection", len(completion.token_ids))
-            attempt.reflection = ctx.chat.assistant_message(completion.token_ids, completion.logprobs)
-            attempt.report, attempt.invalid_reason = self.read_reflection(attempt, attempt.reflection.content)
+        messages = self.reflector.reflect(requests, ctx, self.sampling_params(self.reflection_sampling, 1))
+        for attempt, message in zip(reflected, messages):
+            attempt.reflection_author = self.reflector.author
+            if message is None:  # the reflector could not write one (no reference solution, a failed endpoint)
+                attempt.invalid_reason = "no_report"
+                counters.add("invalid_reflections")
+                counters.add("invalid_reflection_no_report")
+                continue
+            counters.add("tokens_reflection", len(message.token_ids))
+            attempt.reflection = message
+            attempt.report, attempt.invalid_reason = self.read_reflection(attempt, message.content)
             if attempt.invalid_reason:
                 counters.add("invalid_reflections")
                 counters.add(f"invalid_reflection_{attempt.invalid_reason}")
-                log.debug("invalid reflection (%s): %.200s", attempt.invalid_reason, attempt.reflection.content)
+                log.debug("invalid reflection (%s): %.200s", attempt.invalid_reason, message.content)
+                continue
+            if attempt.report is None:  # a free-text reflection (Critique-GRPO's reference variant) has no report
+                continue
+            attempt.uninformative_reason = informativeness(
+                attempt.report, [m.content for m in attempt.reflection_prompt], attempt.base.actions)
+            if attempt.uninformative_reason:
+                counters.add(f"uninformative_reflection_{attempt.uninformative_reason}")
 
     def reflects_on(self, attempt: Attempt) -> bool:
         """Whether ``attempt`` gets a reflection (R³L: every one)."""
@@ -199,11 +256,11 @@ class R3LExplorer(GroupExplorer):
         if self.reflection_decoding != "schema" or attempt.base.num_turns == 0:
             return None
         return Constraint(json_schema=report_schema(attempt.base.num_turns, attempt.base.reward, ctx.env.max_reward,
-                                                    self.reflection_field_max_chars))
+                                                    self.reflection_field_max_chars, attempt.grounded))
 
     def read_reflection(self, attempt: Attempt, text: str) -> tuple[Reflection | None, str]:
         """The validated report of ``text``, or None and why it is invalid (R³L: :func:`parse_reflection`)."""
-        return parse_reflection(text, attempt.base.num_turns)
+        return parse_reflection(text, attempt.base.num_turns, attempt.grounded)
 
     # ----- step 3: retries -----------------------------------------------------------------------
     def retry(self, attempts: list[Attempt], ctx: RolloutContext, counters: RolloutCounters) -> None:
@@ -238,7 +295,7 @@ class R3LExplorer(GroupExplorer):
 
     def guidance(self, attempt: Attempt) -> str:
         """The text a retry is guided by: the reflection report in ``guidance_template``."""
-        return guidance_text(attempt.report, self.guidance_template)
+        return guidance_text(attempt.report, self.guidance_template, attempt.grounded)
 
     def restore(self, attempt: Attempt, ctx: RolloutContext, counters: RolloutCounters) -> EpisodeState | None:
         """A new episode restored to the retry's start turn, with guidance inserted; None on replay mismatch."""
@@ -258,7 +315,9 @@ class R3LExplorer(GroupExplorer):
             return None
         guidance = self.guidance(attempt)
         prefix = _prefix_messages(base, k)
-        if k == 0:
+        if self.guidance_placement == "after_observation":
+            messages = prefix + [Message("system", guidance, guidance=True)]
+        elif k == 0:
             system = prefix[0]
             prefix[0] = Message("system", f"{system.content}\n\n{guidance}", guidance=True)
             messages = prefix
@@ -284,7 +343,8 @@ class R3LExplorer(GroupExplorer):
     def distill(self, attempt: Attempt, retry: Trajectory) -> Trajectory:
         """ORIGINAL prefix (no guidance) + the retry's suffix: what the model must learn unaided."""
         prefix = _prefix_messages(attempt.base, attempt.pivot)
-        suffix = retry.messages[len(prefix) + (0 if attempt.pivot == 0 else 1) :]
+        guided = _prefix_messages(retry, attempt.pivot)  # the retry's own prefix: the base's, with the guidance
+        suffix = retry.messages[len(guided):]
         distill = copy.copy(retry)
         distill.messages = prefix + suffix
         return distill
@@ -335,6 +395,10 @@ class R3LExplorer(GroupExplorer):
         reflected = [a for a in attempts if a.reflection is not None]
         improved = sum(r.reward > a.base.reward for a, r in retries)
         return {
+            "informative_reflection_rate": sum(a.informative for a in reflected) / max(len(reflected), 1),
+            "informative_reflections": float(sum(a.informative for a in reflected)),
+            "retry_same_as_base_rate": (sum(a.retry_same_as_base(r) for a, r in retries) / len(retries)
+                                        if retries else 0.0),
             "valid_reflection_rate": sum(a.report is not None for a in reflected) / max(len(reflected), 1),
             "retry_trigger_rate": counters.counts["retries_triggered"] / max(len(attempts), 1),
             "retry_improvement_rate": improved / len(retries) if retries else 0.0,
@@ -343,6 +407,17 @@ class R3LExplorer(GroupExplorer):
             "retries": float(len(retries)),
             "retries_improved": float(improved),
         }
+
+
+def _reflector(reflector: str | Reflector) -> Reflector:
+    if isinstance(reflector, Reflector):
+        return reflector
+    if reflector not in REFLECTORS:
+        raise ValueError(
+            f"reflector must be one of {', '.join(REFLECTORS)} or a Reflector, got {reflector!r}; for another model "
+            "write reflector: {class_path: r3l_lightning.explore.reflectors.EngineReflector, init_args: {model: "
+            "<HF id or directory>}} (or init_args: {endpoint: http://host:port/v1, endpoint_model: <name>})")
+    return REFLECTORS[reflector]()
 
 
 def _prefix_messages(trajectory: Trajectory, k: int) -> list[Message]:

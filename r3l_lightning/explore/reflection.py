@@ -207,7 +207,8 @@ def informativeness(reflection: Reflection, prompt_texts: Sequence[str],
     - ``trivial_suggestion``: a report that asks for a retry and whose suggestion has fewer than
       :data:`MIN_SUGGESTION_WORDS` words outside :data:`_EMPTY_WORDS` (``"error"``, ``"try again"``, ``"1"``);
     - ``repeats_failed_action``: a grounded field (:attr:`Reflection.grounded`) proposes one of the
-      ``failed_actions`` (the base's own failed answers or actions) again.
+      ``failed_actions`` (the base's own failed answers or actions, markup tags such as ``<answer>`` dropped)
+      again.
     """
     prompt = set().union(*(_shingles(_words(t)) for t in prompt_texts)) if prompt_texts else set()
     for name in ("trajectory_summary", "root_cause_analysis", "improvement_suggestion"):
@@ -218,7 +219,7 @@ def informativeness(reflection: Reflection, prompt_texts: Sequence[str],
         suggestion = reflection.report.get("improvement_suggestion") or ""
         if sum(w not in _EMPTY_WORDS for w in _words(suggestion)) < MIN_SUGGESTION_WORDS:
             return "trivial_suggestion"
-    failed = {" ".join(a.split()) for a in failed_actions}
+    failed = {" ".join(re.sub(r"<[^>]*>", " ", a).split()) for a in failed_actions}  # tags (<answer>) dropped
     if any(" ".join(str(v).split()) in failed for v in reflection.grounded.values()):
         return "repeats_failed_action"
     return ""
