@@ -186,3 +186,53 @@ def test_train_and_eval_seeds_are_disjoint(train_tasks, cache):
     # Cached: a second request does not regenerate and returns the same games.
     again = AlfWorldTasks(source="generated", split="train", num_games=6, seed=0)
     assert [again[i].task_id for i in range(6)] == [train_tasks[i].task_id for i in range(6)]
+
+
+def test_grounded_action_is_constrained_to_the_admissible_commands_and_the_reference_follows_the_plan(train_tasks):
+    """A scripted agent that follows the walkthrough for 2 steps, then takes an admissible command off the plan:
+    run_episodes records the engine's admissible commands at every turn, the grounded field at step k admits
+    exactly those, and the reference report names step 2 and the plan's command there."""
+    import json as _json
+
+    from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+    from r3l_lightning.envs.alfworld import AlfWorldEnv
+    from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
+    from r3l_lightning.explore.reflection import parse_reflection, report_schema
+    from r3l_lightning.models import TINY_RANDOM, load_tokenizer
+    from r3l_lightning.trajectory import ChatTokenizer
+
+    task = train_tasks[5]
+    plan = _walkthrough(task)
+    tokenizer = load_tokenizer(TINY_RANDOM)
+    chat = ChatTokenizer(tokenizer, [tokenizer.eos_token_id])
+    env = AlfWorldEnv(max_turns=3)
+
+    class Agent(RolloutEngine):  # plan[0], plan[1], then the alphabetically first admissible command off the plan
+        def generate(self, prompts, params, constraints=None):
+            text = tokenizer.decode(prompts[0])
+            turn = text.count("<|im_start|>assistant") - 1
+            if turn < 2:
+                action = plan[turn]
+            else:
+                listed = text.rsplit("Admissible actions: ", 1)[1].split("<|im_end|>")[0].split(", ")
+                action = sorted(a for a in listed if a != plan[2])[0]
+            ids = tokenizer(action, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            return [[Completion(ids, None, "stop")]]
+
+    ctx = RolloutContext(env, Agent(), chat)
+    state = start_episode(ctx, task, RolloutCounters())
+    run_episodes(ctx, [state], SamplingParams(), RolloutCounters())
+    trajectory = state.trajectory
+    listed = trajectory.info["admissible"]
+    assert len(listed) == 3 and plan[0] in listed[0] and plan[2] in listed[2]
+    (field,) = env.grounded_fields(task, trajectory)
+    schema = report_schema(3, trajectory.reward, grounded=[field])
+    branches = {b["properties"]["retry_from_step"]["enum"][0]: b["properties"]["corrected_action"]["enum"]
+                for b in schema["anyOf"]}
+    assert branches == {k: listed[k] for k in range(3)}  # one branch per pivot, its step's admissible commands
+    report = env.reference_report(task, trajectory)
+    assert report["retry_from_step"] == 2 and report["corrected_action"] == plan[2]
+    reflection, reason = parse_reflection(_json.dumps(report), 3, [field])
+    assert reason == "" and reflection.grounded == {"corrected_action": plan[2]}
+    off_plan = dict(report, corrected_action="fly to the moon")  # not admissible at step 2
+    assert parse_reflection(_json.dumps(off_plan), 3, [field]) == (None, "grounded_value_not_admissible")

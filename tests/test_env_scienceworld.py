@@ -7,6 +7,7 @@ Tests that start a JVM are skipped without ``java`` or the ``scienceworld`` pack
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -236,3 +237,45 @@ def test_restore_by_replay_reproduces_turn_k(env) -> None:
     wrong = env.make_episode(t)
     assert not wrong.restore(actions[:k], observations[:k] + ["You are on the moon."])
     wrong.close()
+
+
+@needs_sim
+def test_the_reference_report_follows_the_gold_path_to_the_first_wrong_step(env) -> None:
+    """An agent that takes the first two gold actions, then one off the path: the reference reflector names
+    step 2 and the gold action there; a retry told that action and continuing on the gold path scores 1."""
+    from r3l_lightning.explore.reflection import parse_reflection, report_schema
+    from r3l_lightning.trajectory import Message, Trajectory
+
+    t = task(GOLD_TASKS[0])
+    gold = env.gold_actions(t)
+    episode = env.make_episode(t)
+    observations, actions = [episode.reset()], []
+    for action in gold[:2] + ["look at the ceiling"]:
+        result = episode.step(action)
+        actions.append(action)
+        observations.append(result.observation)
+        if result.done:
+            break
+    episode.close()
+    messages = [Message("system", env.system_prompt())]
+    for obs, act in zip(observations, actions):
+        messages += [Message("user", obs), Message("assistant", act)]
+    trajectory = Trajectory(messages, reward=0.0, actions=actions, observations=observations[: len(actions)])
+    report = env.reference_report(t, trajectory)
+    assert report["retry_from_step"] == 2 and report["corrected_action"] == gold[2]
+    assert report["improvement_suggestion"].startswith(f"From step 2, act: {gold[2]}")
+    # the report is a valid grounded report for this trajectory (template-pattern field: no listed actions)
+    fields = env.grounded_fields(t, trajectory)
+    assert parse_reflection(json.dumps(report), 3, fields)[1] == ""
+    assert report_schema(3, 0.0, grounded=fields)["properties"]["corrected_action"]["pattern"]
+    # the fix works: the first two actions replayed, then the gold path from step 2
+    replay = env.make_episode(t)
+    replay.reset()
+    for action in gold:
+        result = replay.step(action)
+        if result.done:
+            break
+    replay.close()
+    assert result.reward == 1.0
+    # a completed trajectory needs no report
+    assert env.reference_report(t, Trajectory(messages, reward=1.0, actions=actions)) is None
