@@ -54,13 +54,18 @@ def reduce_stats(trainer: L.Trainer, stats: dict[str, float], averaged: Collecti
 
 
 def epoch_summary(epoch: int, stats: dict[str, float], train_s: float) -> str:
-    """One console line per epoch, e.g. ``epoch 3 | base 0.31 | reflections valid 14/16 |
+    """One console line per epoch, e.g. ``epoch 3 | base 0.31 | reflections 16: valid 14, informative 9 |
     retries 12 → improved 5 | distill 12 sft 5 | explore 17 s | train 2 steps 41 s`` (parts whose
-    statistics the explorer does not report are left out)."""
+    statistics the explorer does not report are left out). A report that parses but says nothing a retry can act
+    on (it copies the prompt, its suggestion is empty) is valid, not informative."""
     parts = [f"epoch {epoch}", f"base {stats.get('base_success_rate', 0.0):.2f}"]
     if "reflections" in stats:
-        valid = stats["reflections"] - stats.get("invalid_reflections", 0.0)
-        parts.append(f"reflections valid {valid:.0f}/{stats['reflections']:.0f}")
+        reflections = stats["reflections"]
+        valid = stats.get("valid_reflections", reflections - stats.get("invalid_reflections", 0.0))
+        part = f"reflections {reflections:.0f}: valid {valid:.0f}"
+        if "informative_reflections" in stats:
+            part += f", informative {stats['informative_reflections']:.0f}"
+        parts.append(part)
     if "retries" in stats:
         parts.append(f"retries {stats['retries']:.0f} → improved {stats.get('retries_improved', 0.0):.0f}")
     counted = [kind for kind in SAMPLE_KINDS if f"samples_{kind}" in stats]

@@ -125,6 +125,19 @@ def test_a_grounded_equation_that_already_failed_is_not_informative(tiny_chat):
     assert result.records[0]["attempts"][0]["reflection"]["uninformative_reason"] == "repeats_failed_action"
 
 
+def test_the_reference_calls_a_solved_trajectory_a_success_and_asks_no_retry(tiny_chat):
+    solved = lambda prompt: "<answer>6 * 8</answer>"  # noqa: E731 - the policy solves it at once
+    result, _ = explore(tiny_chat, R3LExplorer(group_size=2, reflector="reference", reflection_schema="grounded"),
+                        solved)
+    attempt = result.records[0]["attempts"][0]
+    assert attempt["reflection"]["report"] == {
+        "trajectory_summary": "The agent solved the task in 1 step(s).", "root_cause_analysis": None,
+        "trajectory_outcome": "success", "improvement_suggestion": None, "retry_from_step": None,
+        "equation_to_try": None}
+    assert attempt["reflection"]["informative"] is True and attempt["retry"] is None
+    assert result.stats["valid_reflection_rate"] == 1.0 and result.stats["retries"] == 0
+
+
 def test_a_task_the_reference_cannot_solve_gives_no_report_and_no_retry(tiny_chat):
     unsolvable = Task("countdown-x-1", {"numbers": [1, 1], "target": 5})
     engine = ScriptedEngine(follows_hints(), tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)

@@ -170,8 +170,11 @@ def test_epoch_summary_line():
     stats = {"base_success_rate": 0.3125, "reflections": 16.0, "invalid_reflections": 2.0, "retries": 12.0,
              "retries_improved": 5.0, "samples_distill": 12.0, "samples_retry": 0.0, "samples_sft_reflect": 5.0,
              "samples_sft_retry": 5.0, "time_explore_s": 17.2, "optimizer_steps": 2.0}
-    assert epoch_summary(3, stats, 41.4) == ("epoch 3 | base 0.31 | reflections valid 14/16 | retries 12 → improved 5"
+    assert epoch_summary(3, stats, 41.4) == ("epoch 3 | base 0.31 | reflections 16: valid 14 | retries 12 → improved 5"
                                              " | distill 12 sft 10 | explore 17 s | train 2 steps 41 s")
+    # with the informative count: 14 parse, 3 of them say something a retry can act on
+    stats.update(valid_reflections=14.0, informative_reflections=3.0)
+    assert epoch_summary(3, stats, 41.4).startswith("epoch 3 | base 0.31 | reflections 16: valid 14, informative 3 |")
     group_stats = {"base_success_rate": 0.5, "samples_base": 8.0, "time_explore_s": 3.0, "optimizer_steps": 1.0}
     assert epoch_summary(0, group_stats, 2.0) == "epoch 0 | base 0.50 | explore 3 s | train 1 steps 2 s"
 

@@ -86,7 +86,8 @@ class R3LExplorer(GroupExplorer):
       ``reflection_max_new_tokens − 64`` characters each (the JSON skeleton takes ~50 tokens and text runs
       at ≥ 3 characters per token, so three full fields still fit).
     - ``reflection_prompt``, ``guidance_template``: the prompts (defaults in :mod:`r3l_lightning.prompts`);
-      the template names ``{report}`` (the JSON report) or any report field (``{improvement_suggestion}``).
+      the template names ``{report}`` (the JSON report) or any report field (``{improvement_suggestion}``);
+      ``guidance_template: null`` is the default template.
     - ``reflector`` (who writes the report; :mod:`r3l_lightning.explore.reflectors`): ``policy`` (the paper),
       ``reference`` (the environment, from the task's known solution: a teacher), or a
       :class:`~r3l_lightning.explore.reflectors.Reflector` object, e.g.
@@ -130,7 +131,7 @@ class R3LExplorer(GroupExplorer):
         correction_loss: CorrectionLoss = "sft",
         keep_success_reflections: bool = False,
         reflection_prompt: str = REFLECTION_SYSTEM_PROMPT,
-        guidance_template: str = GUIDANCE_TEMPLATE,
+        guidance_template: str | None = None,
         reflector: Literal["policy", "reference"] | Reflector = "policy",
         reflection_schema: ReflectionSchema = "paper",
         guidance_placement: GuidancePlacement = "paper",
@@ -167,7 +168,8 @@ class R3LExplorer(GroupExplorer):
         self.correction_loss = correction_loss
         self.keep_success_reflections = keep_success_reflections
         self.reflection_prompt = reflection_prompt
-        self.guidance_template = self.check_guidance_template(guidance_template)
+        self.guidance_template = self.check_guidance_template(
+            GUIDANCE_TEMPLATE if guidance_template is None else guidance_template)
         self.reflector = _reflector(reflector)
         for name, value, options in (("reflection_schema", reflection_schema, ("paper", "grounded")),
                                      ("guidance_placement", guidance_placement, ("paper", "after_observation"))):
@@ -396,6 +398,7 @@ class R3LExplorer(GroupExplorer):
         improved = sum(r.reward > a.base.reward for a, r in retries)
         return {
             "informative_reflection_rate": sum(a.informative for a in reflected) / max(len(reflected), 1),
+            "valid_reflections": float(sum(a.report is not None for a in reflected)),
             "informative_reflections": float(sum(a.informative for a in reflected)),
             "retry_same_as_base_rate": (sum(a.retry_same_as_base(r) for a, r in retries) / len(retries)
                                         if retries else 0.0),

@@ -75,7 +75,8 @@ class PolicyReflector(Reflector):
 
 
 class ReferenceReflector(Reflector):
-    """The environment writes the report from the task's solution; None where it knows none."""
+    """The environment writes the report from the task's solution; None where it knows none. A trajectory that
+    reached the task's maximum reward gets a ``success`` report (no suggestion, no pivot: no retry)."""
 
     author = "reference"
 
@@ -83,7 +84,14 @@ class ReferenceReflector(Reflector):
                 params: SamplingParams) -> list[Message | None]:
         messages: list[Message | None] = []
         for request in requests:
-            report = ctx.env.reference_report(request.task, request.trajectory)
+            trajectory = request.trajectory
+            if trajectory.reward >= ctx.env.max_reward:
+                report = {"trajectory_summary": f"The agent solved the task in {trajectory.num_turns} step(s).",
+                          "root_cause_analysis": None, "trajectory_outcome": "success",
+                          "improvement_suggestion": None, "retry_from_step": None}
+                report.update({f: None for f in request.fields if f not in report})
+            else:
+                report = ctx.env.reference_report(request.task, trajectory)
             if report is None:
                 messages.append(None)
                 continue
