@@ -24,13 +24,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {  # name -> overlay (None: the task config's R³L)
-    "R3L": None,
+METHODS = {  # name -> overlay (None: the task config's R³L, whose reflector is the reference solution)
+    "R3L (reference reflector)": None,
+    "R3L (policy, paper schema)": "r3l_policy_reflector",
+    "R3L (policy, grounded schema)": "r3l_grounded",
     "GRPO": "grpo",
     "R3L w/o pivotal credit": "r3l_no_pivot",
     "R3L w/o amplification": "r3l_no_amplification",
     "R3L w/o reflect-retry": "r3l_no_reflect_retry",
 }
+# explore/ statistics summed over a run's epochs: the reflect → retry rates of the table
+RATE_COUNTS = {"informative reflections": ("informative_reflections", "reflections"),
+               "retries improved": ("retries_improved", "retries")}
 OPTIONAL = {"RAFT": "raft", "OPMD": "opmd"}
 
 
@@ -64,6 +69,7 @@ def read_run(out: Path) -> dict:
     spent = 0.0
     evals = []
     trained = 0.0
+    counts = {key: 0.0 for pair in RATE_COUNTS.values() for key in pair}
     for row in rows:  # rows are in logging order: a budget row ends each epoch, evaluations follow it
         if row.get("budget/rollout_tokens"):
             spent = float(row["budget/rollout_tokens"])
@@ -71,7 +77,17 @@ def read_run(out: Path) -> dict:
             trained += float(row["train/tokens"])
         if row.get("eval/success_rate"):
             evals.append((spent, float(row["eval/success_rate"]), float(row["eval/reward"])))
-    return {"evals": evals, "trained_tokens": trained}
+        for key in counts:
+            if row.get(f"explore/{key}"):
+                counts[key] += float(row[f"explore/{key}"])
+    return {"evals": evals, "trained_tokens": trained, "counts": counts}
+
+
+def rate(runs: list[dict], name: str) -> str:
+    """A reflect → retry rate over all of ``runs``' epochs (``RATE_COUNTS``), as ``k/n = r``; empty without any."""
+    hits, total = RATE_COUNTS[name]
+    k, n = (sum(r.get("counts", {}).get(key, 0.0) for r in runs) for key in (hits, total))
+    return f"{k:.0f}/{n:.0f} = {k / n:.2f}" if n else ""
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -178,9 +194,10 @@ def write_results(args, results: dict, initial: dict) -> None:
         f"{args.config.name}, seeds {', '.join(map(str, initial))}, "
         f"budget {args.budget:,} generated rollout tokens per run, eval on {args.eval_tasks} held-out tasks.",
         "",
-        "| method | seeds | eval success | eval reward | rollout tokens | trained tokens | wall time |",
-        "|---|---|---|---|---|---|---|",
-        f"| initial policy | {len(initial)} | {init_mean:.3f} ± {init_se:.3f} | | 0 | 0 | |",
+        "| method | seeds | eval success | eval reward | informative reflections | retries improved | rollout tokens "
+        "| trained tokens | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| initial policy | {len(initial)} | {init_mean:.3f} ± {init_se:.3f} | | | | 0 | 0 | |",
     ]
     for method, runs in results.items():
         success = mean_se([r["evals"][-1][1] for r in runs])
@@ -189,9 +206,11 @@ def write_results(args, results: dict, initial: dict) -> None:
         trained = sum(r["trained_tokens"] for r in runs) / len(runs)
         wall = sum(r["wall_s"] for r in runs) / len(runs)
         lines.append(f"| {method} | {len(runs)} | {success[0]:.3f} ± {success[1]:.3f} | {reward[0]:.3f} ± {reward[1]:.3f} | "
+                     f"{rate(runs, 'informative reflections')} | {rate(runs, 'retries improved')} | "
                      f"{tokens:,.0f} | {trained:,.0f} | {wall / 60:.1f} min |")
-    lines += ["", "Mean ± standard error over seeds (final evaluation of each run); "
-              "rollout tokens, trained tokens and wall time: means per run."]
+    lines += ["", "Mean ± standard error over seeds (final evaluation of each run); informative reflections and "
+              "retries improved: over every epoch of every seed; rollout tokens, trained tokens and wall time: means "
+              "per run."]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     plot(results, initial, args.out / "eval_success.png", args.config.name)
     print("\n".join(lines))

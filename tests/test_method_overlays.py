@@ -21,7 +21,8 @@ EXPECTED = {
     "r3l_paper": {
         "explorer": (R3L, {"advantage": "r3l", "alpha": 3.0, "reflection_temperature": 0.7, "retries_per_base": 1,
                            "retry_selection": "all", "pivotal_credit": True, "sft_rule": "paper",
-                           "correction_loss": "sft", "keep_success_reflections": False}),
+                           "correction_loss": "sft", "keep_success_reflections": False, "reflector": "policy",
+                           "reflection_schema": "paper", "guidance_placement": "paper", "guidance_template": None}),
         "model": {"aggregation": "seq-mean-token-mean", "sft_coef": 1.0, "kl_coef": 0.0, "opmd_tau": 0.0,
                   "weight_decay": 0.01, "clip_low": None, "clip_high": None, "max_grad_norm": 1.0},
     },
@@ -70,6 +71,8 @@ EXPECTED = {
         "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
                   "shaping_gamma": 0.1},
     },
+    "r3l_policy_reflector": {"explorer": (R3L, {"reflector": "policy", "reflection_schema": "paper"}), "model": {}},
+    "r3l_grounded": {"explorer": (R3L, {"reflector": "policy", "reflection_schema": "grounded"}), "model": {}},
     "r3l_no_pivot": {"explorer": (R3L, {"pivotal_credit": False, "advantage": "r3l"}), "model": {}},
     "r3l_no_amplification": {"explorer": (R3L, {"advantage": "grpo", "pivotal_credit": True}), "model": {}},
     "r3l_no_reflect_retry": {"explorer": (GROUP, {"advantage": "r3l"}), "model": {}},
