@@ -10,19 +10,25 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from r3l_lightning.advantages import group_advantages
 from r3l_lightning.cli import cli_main
+from r3l_lightning.data import collate
 from r3l_lightning.envs.base import Task
 from r3l_lightning.envs.countdown import CountdownEnv
+from r3l_lightning.envs.math import MathEnv
 from r3l_lightning.explore import R3LExplorer
 from r3l_lightning.explore.critique_grpo import CritiqueGRPOExplorer
 from r3l_lightning.explore.episodes import RolloutContext
 from r3l_lightning.explore.r3l import authors_workflow
 from r3l_lightning.explore.raft import RAFTExplorer
 from r3l_lightning.explore.reflect_grpo import ReflectGRPOExplorer
+from r3l_lightning.models import TINY_RANDOM
+from r3l_lightning.module import R3LModule
 from r3l_lightning.prompts import REFLECTION_REQUEST
+from r3l_lightning.trajectory import TrainingSample
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +113,6 @@ def test_the_paper_retries_the_same_pair_from_the_pivot(tiny_chat):
 
 
 def test_retry_from_authors_is_scratch_on_countdown_and_math_only():
-    from r3l_lightning.envs.math import MathEnv
     assert [authors_workflow(env) for env in (CountdownEnv(), MathEnv(), GuessEnv())] == ["countdown", "math", "agent"]
     with pytest.raises(ValueError, match="retry_from must be one of pivot, scratch, authors, got 'start'"):
         R3LExplorer(retry_from="start")
@@ -211,3 +216,40 @@ def test_the_authors_no_amplification_needs_both_the_opmd_advantage_and_the_zero
     # without the zero baseline every correction would train nothing: refused
     with pytest.raises(ValueError, match="singleton zero_baseline"):
         R3LExplorer(advantage="mean_baseline", correction_loss="reinforce")
+
+
+# ----- finding 6: the reference code's per-micro-batch token-mean, logits at the rollout temperature ----------
+
+
+@pytest.mark.parametrize("aggregation, expected", [("token-mean-per-micro-batch", 0.125), ("token-mean", 0.3125)])
+def test_token_mean_per_micro_batch_by_hand(monkeypatch, aggregation, expected):
+    # Two sequences in separate micro-batches of a step (mini-batch) of 2: 3 trained tokens with A = 1.0, 1 token
+    # with A = −0.5; τ = 1, and log π = −1 at every token, so the loss is the weight on −Σ log π.
+    # verl (dp_actor.py 176–187, dynamic batch size): ½·(3·1.0/3)/2 + ½·(1·(−0.5)/1)/2 = ½·(1.0/2) + ½·(−0.5/2)
+    # = 0.125; one token-mean over the step: (3·1.0 − 0.5)/4/2 = 0.3125.
+    module = R3LModule(TINY_RANDOM, aggregation=aggregation, opmd_tau=1.0)
+    monkeypatch.setattr(module, "_token_logprobs", lambda model, mb, with_entropy=False: (
+        -torch.ones(mb["input_ids"].shape, requires_grad=True), torch.zeros(mb["input_ids"].shape)))
+    long = TrainingSample([5, 6, 7, 8, 9], [0, 0, 1, 1, 1], 1.0, "base")
+    short = TrainingSample([11, 12, 13], [0, 0, 1], -0.5, "distill")
+    batch = [collate([long]), collate([short])]
+    rl_denom, sft_denom = module._global_denominators(batch)
+    total = sum(module.micro_batch_loss(mb, rl_denom, sft_denom)[0] for mb in batch)
+    assert total.item() == pytest.approx(expected)
+
+
+def test_logits_at_the_rollout_temperature():
+    # verl's actor computes log softmax(logits / T) with T the rollout temperature (dp_actor.py 69–71, 137)
+    torch.manual_seed(0)
+    module = R3LModule(TINY_RANDOM, logit_temperature=0.7)
+    ids = [5, 6, 7, 8, 9]
+    mb = collate([TrainingSample(ids, [0, 1, 1, 1, 1], 1.0, "base")])
+    logprobs, _ = module._token_logprobs(module.policy, mb)
+    with torch.no_grad():
+        logits = module.policy(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits / 0.7, -1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs[0, 1:].detach(), expected, rtol=1e-5, atol=1e-5)
+    at_one = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    assert not torch.allclose(expected, at_one, atol=1e-3)  # T = 0.7 is not the model's own distribution
+    with pytest.raises(ValueError, match="model.logit_temperature must be > 0, got 0"):
+        R3LModule(TINY_RANDOM, logit_temperature=0)
