@@ -37,6 +37,8 @@ METHODS = {  # name -> overlay (None: the task config's R³L, whose reflector is
 RATE_COUNTS = {"informative reflections": ("informative_reflections", "reflections"),
                "retries improved": ("retries_improved", "retries")}
 OPTIONAL = {"RAFT": "raft", "OPMD": "opmd"}
+# R³L as the paper describes it and as the authors' code runs it (docs/fidelity_authors_code.md): --methods only
+FIDELITY = {"R3L (paper)": "r3l_paper", "R3L (authors' code)": "r3l_authors_code"}
 
 
 def run_command(args, overlay: str | None, seed: int, out: Path, before_training: bool) -> list[str]:
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval_tasks", type=int, default=64)
     parser.add_argument("--eval_max_new_tokens", type=int, default=24)
     parser.add_argument("--optional", action="store_true", help="also run RAFT and OPMD")
-    parser.add_argument("--methods", nargs="+", help="a subset of the method names")
+    parser.add_argument("--methods", nargs="+", help="a subset of the method names (also the optional ones and "
+                                                     f"{', '.join(repr(m) for m in FIDELITY)})")
     parser.add_argument("--quick", action="store_true", help="the first seed only")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: write the table and the picture from the finished runs under --out")
@@ -147,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         args.budget = 1800 if args.quick else 3600
     methods = dict(METHODS, **(OPTIONAL if args.optional else {}))
     if args.methods:
-        methods = {m: methods[m] for m in args.methods}
+        known = dict(METHODS, **OPTIONAL, **FIDELITY)
+        unknown = [m for m in args.methods if m not in known]
+        if unknown:
+            parser.error(f"unknown --methods {unknown}; known: {', '.join(known)}")
+        methods = {m: known[m] for m in args.methods}
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 

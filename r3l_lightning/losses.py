@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 
-Aggregation = Literal["seq-mean-token-mean", "token-mean"]
-AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean")
+Aggregation = Literal["seq-mean-token-mean", "token-mean", "token-mean-per-micro-batch"]
+AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean", "token-mean-per-micro-batch")
 KLEstimator = Literal["k3", "k2"]
 KL_ESTIMATORS: tuple[str, ...] = ("k3", "k2")
 
@@ -245,13 +245,27 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
 
 
 def loss_denominator(loss_mask: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
-    """Sequences with ≥ 1 trainable token (``seq-mean-token-mean``) or Σ mask (``token-mean``), float."""
+    """Σ mask (``token-mean``), or the sequences with ≥ 1 trainable token (``seq-mean-token-mean``, and
+    ``token-mean-per-micro-batch``, whose step denominator counts sequences: :func:`micro_batch_denominator`), float."""
     _check(aggregation)
     _check_batch(loss_mask)
     mask = loss_mask.float()
     if aggregation == "token-mean":
         return mask.sum()
     return (mask.sum(dim=1) > 0).sum().float()
+
+
+def micro_batch_denominator(loss_mask: torch.Tensor, aggregation: Aggregation,
+                            step_denominator: torch.Tensor) -> torch.Tensor:
+    """What one micro-batch's loss numerator is divided by, given the step's :func:`loss_denominator` (summed
+    over the step's micro-batches). ``seq-mean-token-mean``, ``token-mean``: the step's, so that the step loss
+    is one mean over the step. ``token-mean-per-micro-batch`` (verl's dynamic batch size, as the reference code
+    trains): the micro-batch's own token-mean, weighted by its share of the step's sequences, i.e.
+    Σ mask · S / s for S sequences in the step and s in this micro-batch."""
+    if aggregation != "token-mean-per-micro-batch":
+        return step_denominator
+    sequences = loss_denominator(loss_mask, aggregation).clamp(min=1.0)  # none: the numerator is 0 as well
+    return (loss_mask.float().sum() * step_denominator / sequences).clamp(min=1e-8)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -261,7 +275,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation) -> LossTerms:
     weighted = torch.where(mask != 0, per_token * mask, 0.0)  # padding never leaks (not even as NaN)
-    if aggregation == "token-mean":
+    if aggregation in ("token-mean", "token-mean-per-micro-batch"):
         numerator = weighted.sum()
     else:
         lengths = mask.sum(dim=1)
@@ -311,7 +325,9 @@ def policy_loss(
       ``kl_estimator`` (on every row, shaped or not).
 
     Aggregation ``seq-mean-token-mean``: numerator = Σ over sequences with |τ| > 0 of Σ_t mask·ℓ_t / |τ|,
-    denominator = their count; ``token-mean``: numerator = Σ mask·ℓ_t, denominator = Σ mask.
+    denominator = their count; ``token-mean``: numerator = Σ mask·ℓ_t, denominator = Σ mask;
+    ``token-mean-per-micro-batch``: numerator = Σ mask·ℓ_t, denominator = the sequences
+    (:func:`micro_batch_denominator` turns it into the micro-batch's divisor).
     Metrics (detached, means over trainable tokens): ``clip_fraction`` (ratio outside the clip range)
     and ``ratio_mean`` over the unshaped rows when the ratio is used, ``kl`` (mean of the estimator)
     whenever ``ref_logprobs`` is given.

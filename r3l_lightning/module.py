@@ -12,7 +12,14 @@ import torch
 from r3l_lightning.engines.base import RolloutEngine
 from r3l_lightning.engines import default_engine
 from r3l_lightning.lora import LoRAConfig, adapters_disabled, add_lora, is_adapter_name
-from r3l_lightning.losses import head_token_logprobs, loss_denominator, policy_loss, sft_loss, token_logprobs
+from r3l_lightning.losses import (
+    head_token_logprobs,
+    loss_denominator,
+    micro_batch_denominator,
+    policy_loss,
+    sft_loss,
+    token_logprobs,
+)
 from r3l_lightning.mismatch import MismatchTotals, RolloutCorrection, correction_weights, rollout_corrected
 from r3l_lightning.models import (
     decoder_layers,
@@ -46,7 +53,9 @@ class R3LModule(L.LightningModule):
         model_name_or_path: HF hub id, local checkpoint directory, or an embedded model name.
         engine: the rollout engine; ``None`` picks :func:`~r3l_lightning.engines.default_engine`
             (vLLM on CUDA machines with vLLM installed, ``HFEngine`` on the policy itself otherwise).
-        aggregation: ``seq-mean-token-mean`` (spec) or ``token-mean``.
+        aggregation: ``seq-mean-token-mean`` (spec), ``token-mean`` (one token-mean over the step) or
+            ``token-mean-per-micro-batch`` (the reference code's verl: each micro-batch's token-mean, weighted by
+            its share of the step's sequences; see :func:`~r3l_lightning.losses.micro_batch_denominator`).
         sft_coef: λ_sft.
         old_logprobs: the clipped ratio's old policy. ``trainer`` (verl's ``old_log_prob``): the policy's own
             logprobs of the epoch's samples before its first update (the first step's are its own training forward,
@@ -60,6 +69,9 @@ class R3LModule(L.LightningModule):
         kl_coef, kl_estimator: weight and estimator (``k3`` or ``k2``, see :func:`~r3l_lightning.losses.kl_estimate`)
             of the KL term to the frozen reference model, which is loaded only when ``kl_coef > 0``.
         opmd_tau: OPMD's τ: the policy-gradient term is divided by 1 + τ (the KL term is not).
+        logit_temperature: the trainer's logprobs (policy, old policy, reference) are those of logits / T; the
+            reference code's verl divides by the rollout temperature (set it to the explorer's ``temperature``);
+            1.0 (default): the model's own distribution.
         shaping_gamma: γ of Critique-GRPO's policy shaping f(π) = π/(π + γ) on refinement samples
             (``None``: off, refinements train like any other sample); see :func:`~r3l_lightning.losses.policy_loss`.
         lr, weight_decay, betas, warmup_steps: AdamW with linear warmup, then constant (weight decay 0.01:
@@ -83,7 +95,7 @@ class R3LModule(L.LightningModule):
         self,
         model_name_or_path: str = "smollm2-135m-instruct",
         engine: RolloutEngine | None = None,
-        aggregation: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean",
+        aggregation: Literal["seq-mean-token-mean", "token-mean", "token-mean-per-micro-batch"] = "seq-mean-token-mean",
         sft_coef: float = 1.0,
         clip_low: float | None = None,
         clip_high: float | None = None,
@@ -93,6 +105,7 @@ class R3LModule(L.LightningModule):
         kl_estimator: Literal["k3", "k2"] = "k3",
         shaping_gamma: float | None = None,
         opmd_tau: float = 0.0,
+        logit_temperature: float = 1.0,
         lr: float = 1e-6,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -105,6 +118,8 @@ class R3LModule(L.LightningModule):
         lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
+        if not logit_temperature > 0:
+            raise ValueError(f"model.logit_temperature must be > 0, got {logit_temperature}")
         if rollout_correction.mode == "tis" and old_logprobs == "rollout" and (clip_low is not None or clip_high is not None):
             raise ValueError(
                 "model.rollout_correction.mode=tis with clip_low/clip_high and old_logprobs=rollout: the clipped ratio "
@@ -270,6 +285,7 @@ class R3LModule(L.LightningModule):
             opmd_tau=hp.opmd_tau,
         )
         sft = sft_loss(logprobs, sft_mask)
+        rl_denom = micro_batch_denominator(rl_mask, hp.aggregation, rl_denom)
         loss = rl.numerator / rl_denom + hp.sft_coef * sft.numerator / sft_denom
         trainable = rl_mask + sft_mask
         metrics = {
@@ -329,13 +345,14 @@ class R3LModule(L.LightningModule):
         the other positions are 0; otherwise (FSDP) the full logits are computed and every position is exact.
         """
         chunk = self.hparams.logprob_chunk_size
+        temperature = self.hparams.logit_temperature
         projection = output_projection(model)
         if projection is None:
             logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-            return token_logprobs(logits, mb["input_ids"], chunk_size=chunk, with_entropy=with_entropy)
+            return token_logprobs(logits, mb["input_ids"], temperature, chunk_size=chunk, with_entropy=with_entropy)
         decoder, weight = projection
         hidden = decoder(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).last_hidden_state
-        return head_token_logprobs(hidden, weight, mb["input_ids"], mb["loss_mask"] != 0, chunk_size=chunk,
+        return head_token_logprobs(hidden, weight, mb["input_ids"], mb["loss_mask"] != 0, temperature, chunk_size=chunk,
                                    with_entropy=with_entropy)
 
     def training_step(self, dataloader_iter: Iterator) -> torch.Tensor:

@@ -22,14 +22,17 @@ EXPECTED = {
         "explorer": (R3L, {"advantage": "r3l", "alpha": 3.0, "reflection_temperature": 0.7, "retries_per_base": 1,
                            "retry_selection": "all", "pivotal_credit": True, "sft_rule": "paper",
                            "correction_loss": "sft", "keep_success_reflections": False, "reflector": "policy",
-                           "reflection_schema": "paper", "guidance_placement": "paper", "guidance_template": None}),
+                           "reflection_schema": "paper", "guidance_placement": "paper", "guidance_template": None,
+                           "reflection_decoding": "schema", "retry_from": "pivot"}),
         "model": {"aggregation": "seq-mean-token-mean", "sft_coef": 1.0, "kl_coef": 0.0, "opmd_tau": 0.0,
                   "weight_decay": 0.01, "clip_low": None, "clip_high": None, "max_grad_norm": 1.0},
     },
     "r3l_authors_code": {
         "explorer": (R3L, {"advantage": "r3l_reference", "alpha": 3.0, "reflection_temperature": 1.0,
-                           "retries_per_base": 1, "pivotal_credit": True, "sft_rule": "reference",
-                           "correction_loss": "reinforce", "keep_success_reflections": True}),
+                           "retries_per_base": 1, "pivotal_credit": True, "sft_rule": "authors",
+                           "correction_loss": "reinforce", "keep_success_reflections": True,
+                           "reflection_decoding": "free", "retry_from": "authors", "guidance_placement": "authors",
+                           "temperature": 1.0, "reflection_max_new_tokens": 4096}),
         "model": {"aggregation": "token-mean", "opmd_tau": 1.0, "kl_coef": 0.001, "kl_estimator": "k2",
                   "weight_decay": 0.01, "clip_low": None, "clip_high": None, "max_grad_norm": 1.0},
     },
@@ -53,7 +56,8 @@ EXPECTED = {
         "explorer": (GROUP, {"advantage": "mean_baseline"}),
         "model": {"aggregation": "token-mean", "opmd_tau": 1.0, "kl_coef": 0.0, "clip_low": None},
     },
-    "raft": {"explorer": ("r3l_lightning.explore.raft.RAFTExplorer", {"group_size": 1}), "model": {}},
+    "raft": {"explorer": ("r3l_lightning.explore.raft.RAFTExplorer", {"group_size": 1, "keep": "success"}),
+             "model": {}},
     "reflect_grpo": {
         "explorer": ("r3l_lightning.explore.reflect_grpo.ReflectGRPOExplorer",
                      {"advantage": "grpo", "reflection_temperature": 0.7}),
@@ -75,6 +79,8 @@ EXPECTED = {
     "r3l_grounded": {"explorer": (R3L, {"reflector": "policy", "reflection_schema": "grounded"}), "model": {}},
     "r3l_no_pivot": {"explorer": (R3L, {"pivotal_credit": False, "advantage": "r3l"}), "model": {}},
     "r3l_no_amplification": {"explorer": (R3L, {"advantage": "grpo", "pivotal_credit": True}), "model": {}},
+    "r3l_authors_code_no_amplification": {
+        "explorer": (R3L, {"advantage": "mean_baseline", "singleton": "zero_baseline"}), "model": {}},
     "r3l_no_reflect_retry": {"explorer": (GROUP, {"advantage": "r3l"}), "model": {}},
     # the task's explorer; the learning rate and batch are the task config's (method table, "N, learning rate")
     "lora": {"explorer": (R3L, {}), "model": {"lr": 5e-4, "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0,
@@ -104,7 +110,8 @@ def test_overlay_resolves_to_its_table_settings(overlay, capsys):
 
 
 def test_the_authors_code_overlay_after_the_paper_one_and_back(capsys):
-    # the two R³L overlays set the same keys: whichever comes last decides every one of them
+    # whichever of the two R³L overlays comes last decides every key r3l_paper sets (r3l_authors_code also sets
+    # the rollout temperature and the reflection budget, which r3l_paper leaves to the task config)
     paper, authors = EXPECTED["r3l_paper"], EXPECTED["r3l_authors_code"]
     for order, expected in ((["r3l_paper", "r3l_authors_code"], authors), (["r3l_authors_code", "r3l_paper"], paper)):
         args = ["fit", "--config", str(TASK)]

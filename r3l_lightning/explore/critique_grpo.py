@@ -19,6 +19,8 @@ one-sample rule (GRPO: baseline 0, σ = 1 → R/(1 + ε)); the other N − 1 sam
 
 from __future__ import annotations
 
+from typing import Literal
+
 from r3l_lightning.advantages import AdvantageMode
 from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.explore.attempt import Attempt, TaskGroup
@@ -42,7 +44,8 @@ class CritiqueGRPOExplorer(R3LExplorer):
     """Critique-GRPO as the paper describes it, the policy as its own critic (steps: module docstring).
 
     ``reflection_temperature`` and ``reflection_max_new_tokens`` sample the critiques (reference: 0.7,
-    1,024 tokens).
+    1,024 tokens). ``reflection_decoding``: as :class:`~r3l_lightning.explore.r3l.R3LExplorer`'s (``schema``, the
+    default, or ``free``: the critique decoded unconstrained, an invalid one refines nothing).
     """
 
     sample_kinds = ("base", "refinement")
@@ -57,6 +60,7 @@ class CritiqueGRPOExplorer(R3LExplorer):
         advantage: AdvantageMode = "grpo",
         reflection_temperature: float = 0.7,
         reflection_max_new_tokens: int = 1024,
+        reflection_decoding: Literal["schema", "free"] = "schema",
         reflection_prompt: str = REFLECTION_SYSTEM_PROMPT,
         guidance_template: str = GUIDANCE_TEMPLATE,
         seed: int = 0,
@@ -64,7 +68,8 @@ class CritiqueGRPOExplorer(R3LExplorer):
         super().__init__(
             group_size=group_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             advantage=advantage, reflection_temperature=reflection_temperature,
-            reflection_max_new_tokens=reflection_max_new_tokens, pivotal_credit=False, sft_rule="none",
+            reflection_max_new_tokens=reflection_max_new_tokens, reflection_decoding=reflection_decoding,
+            pivotal_credit=False, sft_rule="none",
             reflection_prompt=reflection_prompt, guidance_template=guidance_template, seed=seed,
         )
 

@@ -28,6 +28,9 @@ from typing import ClassVar, Literal
 from r3l_lightning.advantages import AdvantageMode, SingletonRule, group_advantages
 from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.engines.constraints import Constraint
+from r3l_lightning.envs.base import Environment
+from r3l_lightning.envs.countdown import CountdownEnv
+from r3l_lightning.envs.math import MathEnv
 from r3l_lightning.explore.attempt import Attempt, TaskGroup
 from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.episodes import EpisodeState, RolloutContext, RolloutCounters, run_episodes, start_episode
@@ -47,11 +50,23 @@ from r3l_lightning.trajectory import Message, SampleKind, Trajectory
 
 log = logging.getLogger(__name__)
 
-SFTRule = Literal["paper", "reference", "none"]
+SFTRule = Literal["paper", "reference", "authors", "none"]
 ReflectionSchema = Literal["paper", "grounded"]
-GuidancePlacement = Literal["paper", "after_observation"]
+GuidancePlacement = Literal["paper", "after_observation", "authors"]
 CorrectionLoss = Literal["sft", "reinforce"]
 RetrySelection = Literal["all", "best"]
+RetryFrom = Literal["pivot", "scratch", "authors"]
+AuthorsWorkflow = Literal["countdown", "math", "agent"]
+
+
+def authors_workflow(env: Environment) -> AuthorsWorkflow:
+    """Which of the reference code's R³L workflows runs ``env``'s task: ``countdown`` and ``math``
+    (``R3L/countdown``, ``R3L/dapo``, ``R3L/qwen_math``: attempts at one answer, retried from scratch) or
+    ``agent`` (ALFWorld, ScienceWorld, WebShop: retried from the pivot). The ``authors`` values of
+    ``retry_from``, ``sft_rule`` and ``guidance_placement`` follow it."""
+    if isinstance(env, CountdownEnv):
+        return "countdown"
+    return "math" if isinstance(env, MathEnv) else "agent"
 
 
 class R3LExplorer(GroupExplorer):
@@ -68,7 +83,13 @@ class R3LExplorer(GroupExplorer):
       every retry's distill sample joins the group) or ``best`` (the highest reward, first of equals).
     - ``sft_rule``: which retries are verified corrections. ``paper``: R' > R. ``reference`` (the
       reference code's ALFWorld / ScienceWorld / WebShop workflows): R' ≥ 1 and (R' > R or the retry
-      took fewer turns than its base). ``none``: no correction data.
+      took fewer turns than its base). ``authors``: the reference code's rule for the task
+      (:func:`authors_workflow`): Countdown and math R' > R and R' ≥ 1, the other tasks ``reference``.
+      ``none``: no correction data.
+    - ``retry_from``: ``pivot`` (the paper) restores the environment to the report's pivot k and retries from
+      there; ``scratch`` (the reference code's Countdown and math workflows) retries from turn 0, while k still
+      masks the first k turns of the base and of the distill sample (as many as it has), and the guided retry
+      is trainable from its first turn; ``authors``: ``scratch`` on Countdown and math, ``pivot`` elsewhere.
     - ``correction_loss``: how a correction (its reflection, and its guided retry) trains. ``sft``
       (paper): SFT samples, weighted by ``model.sft_coef``. ``reinforce`` (reference code): each one is
       a group of its own with reward 1.0, trained in the RL loss with the advantage its mode gives a lone
@@ -101,7 +122,10 @@ class R3LExplorer(GroupExplorer):
       corrected value); the guidance ends with them.
     - ``guidance_placement``: ``paper`` (the spec: in the system prompt when the pivot is turn 0, as a system
       message before the pivot's observation otherwise) or ``after_observation`` (a system message right after
-      the pivot's observation, just before the retried response, for every pivot).
+      the pivot's observation, just before the retried response, for every pivot) or ``authors`` (the
+      reference code's, per task: Countdown appends it to the first user message; math puts it in the system
+      prompt; the other tasks, for k > 0, put it after the pivot's observation and then repeat that
+      observation, in the distill sample too (guidance removed), and for k = 0 in the system prompt).
     """
 
     sample_kinds: ClassVar[tuple[SampleKind, ...]] = ("base", "distill", "reflection", "retry", "sft_reflect",
@@ -135,6 +159,7 @@ class R3LExplorer(GroupExplorer):
         reflector: Literal["policy", "reference"] | Reflector = "policy",
         reflection_schema: ReflectionSchema = "paper",
         guidance_placement: GuidancePlacement = "paper",
+        retry_from: RetryFrom = "pivot",
         seed: int = 0,
     ) -> None:
         super().__init__(group_size, temperature, top_p, max_new_tokens, advantage, alpha, singleton, seed=seed)
@@ -143,8 +168,9 @@ class R3LExplorer(GroupExplorer):
         if retries_per_base < 1:
             raise ValueError(f"retries_per_base must be >= 1, got {retries_per_base}")
         for name, value, options in (("retry_selection", retry_selection, ("all", "best")),
-                                     ("sft_rule", sft_rule, ("paper", "reference", "none")),
-                                     ("correction_loss", correction_loss, ("sft", "reinforce"))):
+                                     ("sft_rule", sft_rule, ("paper", "reference", "authors", "none")),
+                                     ("correction_loss", correction_loss, ("sft", "reinforce")),
+                                     ("retry_from", retry_from, ("pivot", "scratch", "authors"))):
             if value not in options:
                 raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
         if correction_loss == "reinforce" and group_advantages([1.0], advantage, alpha, singleton=singleton).item() == 0:
@@ -172,11 +198,13 @@ class R3LExplorer(GroupExplorer):
             GUIDANCE_TEMPLATE if guidance_template is None else guidance_template)
         self.reflector = _reflector(reflector)
         for name, value, options in (("reflection_schema", reflection_schema, ("paper", "grounded")),
-                                     ("guidance_placement", guidance_placement, ("paper", "after_observation"))):
+                                     ("guidance_placement", guidance_placement,
+                                      ("paper", "after_observation", "authors"))):
             if value not in options:
                 raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
         self.reflection_schema = reflection_schema
         self.guidance_placement = guidance_placement
+        self.retry_from = retry_from
 
     def check_guidance_template(self, template: str) -> str:
         """``template`` if it names ``{report}`` or a report field; otherwise a ValueError saying so."""
@@ -281,7 +309,7 @@ class R3LExplorer(GroupExplorer):
         run_episodes(ctx, [s for _, s in started], self.sampling_params(self.sampling, 2), counters, "tokens_retry")
         for attempt, state in started:  # in start order
             attempt.retries.append(state.trajectory)
-            attempt.pivot = self.retry_start(attempt)
+            attempt.pivot = self.restart_turn(attempt, ctx.env)
         if self.retry_selection == "best":
             for attempt in attempts:
                 if attempt.retries:
@@ -292,8 +320,14 @@ class R3LExplorer(GroupExplorer):
         return attempt.report is not None and attempt.report.wants_retry and not attempt.base.info.get("error")
 
     def retry_start(self, attempt: Attempt) -> int:
-        """The turn a retry starts from (R³L: the report's pivot)."""
+        """The report's pivot k (R³L): where a retry starts (``retry_from: pivot``) and where the credit starts."""
         return attempt.report.retry_from_step
+
+    def restart_turn(self, attempt: Attempt, env: Environment) -> int:
+        """The turn a retry of ``attempt`` actually restarts from: 0 when retrying from scratch, else
+        :meth:`retry_start`."""
+        scratch = self.retry_from == "scratch" or (self.retry_from == "authors" and authors_workflow(env) != "agent")
+        return 0 if scratch else self.retry_start(attempt)
 
     def guidance(self, attempt: Attempt) -> str:
         """The text a retry is guided by: the reflection report in ``guidance_template``."""
@@ -301,7 +335,7 @@ class R3LExplorer(GroupExplorer):
 
     def restore(self, attempt: Attempt, ctx: RolloutContext, counters: RolloutCounters) -> EpisodeState | None:
         """A new episode restored to the retry's start turn, with guidance inserted; None on replay mismatch."""
-        k = self.retry_start(attempt)
+        k = self.restart_turn(attempt, ctx.env)
         base = attempt.base
         state = start_episode(ctx, attempt.task, counters)
         if state.done:
@@ -317,8 +351,15 @@ class R3LExplorer(GroupExplorer):
             return None
         guidance = self.guidance(attempt)
         prefix = _prefix_messages(base, k)
-        if self.guidance_placement == "after_observation":
+        placement = self.guidance_placement
+        workflow = authors_workflow(ctx.env) if placement == "authors" else "agent"
+        if placement == "after_observation":
             messages = prefix + [Message("system", guidance, guidance=True)]
+        elif placement == "authors" and workflow == "countdown" and k == 0:  # no system prompt there
+            messages = prefix[:-1] + [Message("user", f"{prefix[-1].content}\n\n{guidance}", guidance=True)]
+        elif placement == "authors" and k > 0:  # after x_k, then x_k again
+            messages = prefix + [Message("system", guidance, guidance=True), Message("user", prefix[-1].content)]
+            state.trajectory.info["repeated_observation"] = True
         elif k == 0:
             system = prefix[0]
             prefix[0] = Message("system", f"{system.content}\n\n{guidance}", guidance=True)
@@ -333,31 +374,42 @@ class R3LExplorer(GroupExplorer):
 
     # ----- step 4: the group -----------------------------------------------------------------------
     def candidates(self, attempt: Attempt) -> list[Candidate]:
-        """The attempt's base and the distill copy of each retry, from its credit pivot on."""
+        """The attempt's base and the distill copy of each retry, from its credit pivot on (a distill sample with
+        fewer turns than the pivot, after a retry from scratch, is context only)."""
         credit = self.credit_pivot(attempt)
+        distills = [self.distill(attempt, retry) for retry in attempt.retries]
         return [Candidate(attempt, attempt.base, "base", credit)] + [
-            Candidate(attempt, self.distill(attempt, retry), "distill", credit) for retry in attempt.retries]
+            Candidate(attempt, d, "distill", min(credit, d.num_turns)) for d in distills]
 
     def credit_pivot(self, attempt: Attempt) -> int:
-        """First trainable turn of an attempt's samples: the pivot of a retried attempt under pivotal credit, else 0."""
-        return attempt.pivot if attempt.retries and self.pivotal_credit else 0
+        """First trainable turn of an attempt's base and distill samples: the report's pivot k of a retried
+        attempt under pivotal credit (whether the retry restarted there or from scratch), else 0."""
+        return self.retry_start(attempt) if attempt.retries and self.pivotal_credit else 0
 
     def distill(self, attempt: Attempt, retry: Trajectory) -> Trajectory:
-        """ORIGINAL prefix (no guidance) + the retry's suffix: what the model must learn unaided."""
+        """ORIGINAL prefix (no guidance) + the retry's suffix: what the model must learn unaided (with the
+        repeated pivot observation of ``guidance_placement: authors``)."""
         prefix = _prefix_messages(attempt.base, attempt.pivot)
         guided = _prefix_messages(retry, attempt.pivot)  # the retry's own prefix: the base's, with the guidance
         suffix = retry.messages[len(guided):]
+        if retry.info.get("repeated_observation"):
+            prefix = prefix + [guided[-1]]
         distill = copy.copy(retry)
         distill.messages = prefix + suffix
         return distill
 
     # ----- step 5: verified corrections ------------------------------------------------------------
-    def admits(self, attempt: Attempt, retry: Trajectory) -> bool:
-        """Whether ``retry`` is a verified correction of the attempt's base under ``sft_rule``."""
+    def admits(self, attempt: Attempt, retry: Trajectory, env: Environment) -> bool:
+        """Whether ``retry`` is a verified correction of the attempt's base under ``sft_rule`` (on ``env``'s task)."""
         base = attempt.base
-        if self.sft_rule == "paper":
+        rule = self.sft_rule
+        if rule == "authors":
+            rule = "reference" if authors_workflow(env) == "agent" else "improved_success"
+        if rule == "paper":
             return retry.reward > base.reward
-        if self.sft_rule == "reference":
+        if rule == "improved_success":  # the reference code's Countdown and math rule
+            return is_success(retry.reward) and retry.reward > base.reward
+        if rule == "reference":
             return is_success(retry.reward) and (retry.reward > base.reward or retry.num_turns < base.num_turns)
         return False
 
@@ -366,15 +418,15 @@ class R3LExplorer(GroupExplorer):
         """The reflection and the guided retry of every verified correction (and of a kept success reflection)."""
         if attempt.reflection is None:
             return
-        admitted = [retry for retry in attempt.retries if self.admits(attempt, retry)]
+        admitted = [retry for retry in attempt.retries if self.admits(attempt, retry, ctx.env)]
         success_kept = (self.keep_success_reflections and attempt.report is not None
                         and attempt.report.outcome == "success" and is_success(attempt.base.reward))
         if admitted or success_kept:
             reflection = Trajectory(attempt.reflection_prompt + [attempt.reflection], task_id=group.task.task_id)
             self.add_correction(ctx, group, attempt, reflection, 0, "sft_reflect", "reflection", None, counters)
+        retry_credit = attempt.pivot if self.pivotal_credit else 0  # the replayed turns, none after a restart at 0
         for retry in admitted:
-            self.add_correction(ctx, group, attempt, retry, self.credit_pivot(attempt), "sft_retry", "retry",
-                                retry.reward, counters)
+            self.add_correction(ctx, group, attempt, retry, retry_credit, "sft_retry", "retry", retry.reward, counters)
 
     def add_correction(self, ctx: RolloutContext, group: TaskGroup, attempt: Attempt, trajectory: Trajectory,
                        pivot: int, sft_kind: SampleKind, rl_kind: SampleKind, reward: float | None,

@@ -12,6 +12,8 @@ For every task (:meth:`ReflectGRPOExplorer.explore_groups`):
 
 from __future__ import annotations
 
+from typing import Literal
+
 from r3l_lightning.advantages import AdvantageMode
 from r3l_lightning.explore.attempt import Attempt, TaskGroup
 from r3l_lightning.explore.base import is_success
@@ -24,6 +26,8 @@ class ReflectGRPOExplorer(R3LExplorer):
     """Reflect-GRPO: GRPO whose failed attempts get one reflect-and-retry from scratch (steps: module docstring).
 
     The reflection and retry steps are R³L's, reflecting on failures only and retrying from turn 0.
+    ``reflection_decoding``: as :class:`~r3l_lightning.explore.r3l.R3LExplorer`'s (``schema``, the default, or
+    ``free``, the reference code's unconstrained text, whose invalid reports get no retry).
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class ReflectGRPOExplorer(R3LExplorer):
         alpha: float = 3.0,
         reflection_temperature: float = 0.7,
         reflection_max_new_tokens: int = 512,
+        reflection_decoding: Literal["schema", "free"] = "schema",
         reflection_prompt: str = REFLECTION_SYSTEM_PROMPT,
         guidance_template: str = GUIDANCE_TEMPLATE,
         seed: int = 0,
@@ -43,7 +48,8 @@ class ReflectGRPOExplorer(R3LExplorer):
         super().__init__(
             group_size=group_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             advantage=advantage, alpha=alpha, reflection_temperature=reflection_temperature,
-            reflection_max_new_tokens=reflection_max_new_tokens, pivotal_credit=False, sft_rule="none",
+            reflection_max_new_tokens=reflection_max_new_tokens, reflection_decoding=reflection_decoding,
+            pivotal_credit=False, sft_rule="none",
             reflection_prompt=reflection_prompt, guidance_template=guidance_template, seed=seed,
         )
 
