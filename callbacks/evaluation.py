@@ -113,6 +113,7 @@ class EvalCallback(L.Callback):
         with PhaseProgress("", self.show_progress and rank == 0, trainer) as progress:
             ctx = rollout_context(datamodule, pl_module, progress)
             trajectories = evaluate_tasks(ctx, shard, self.params, self.repeats)
+        pl_module.rollout_engine.sleep()  # every rank reaches this point
         n = self.repeats
         self.last_records = [trajectories_record(task, trajectories[i * n : (i + 1) * n]) for i, task in enumerate(shard)]
         per_task = [sum(is_success(t.reward) for t in trajectories[i * n : (i + 1) * n]) / n for i in range(len(shard))]

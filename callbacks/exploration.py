@@ -15,8 +15,9 @@ from r3l_lightning.rollout_log import save_rollouts
 from r3l_lightning.trajectory import SAMPLE_KINDS
 
 
-AVERAGED_STATS = frozenset({"time_explore_s"})  # this callback's own statistics averaged over ranks (the
-# explorer's are in its ``averaged_stats``); every other statistic is summed
+# this callback's own statistics averaged over ranks (the explorer's are in its ``averaged_stats``; every rank's
+# engine counts alike); every other statistic is summed
+AVERAGED_STATS = frozenset({"time_explore_s", "engine_starts", "engine_weight_syncs", "engine_syncs_skipped"})
 
 
 def rollout_context(datamodule: L.LightningDataModule, pl_module: L.LightningModule, progress=None) -> RolloutContext:
@@ -82,6 +83,13 @@ def epoch_summary(epoch: int, stats: dict[str, float], train_s: float) -> str:
     return " | ".join(parts)
 
 
+def engine_counts(engine) -> dict[str, float]:
+    """Run totals of an engine that holds its own weights (vLLM): start-ups, weight syncs, and sync points
+    skipped because no optimizer step happened since the last sync; empty for one that samples the policy."""
+    names = {"starts": "engine_starts", "syncs": "engine_weight_syncs", "syncs_skipped": "engine_syncs_skipped"}
+    return {key: float(getattr(engine, attr)) for attr, key in names.items() if hasattr(engine, attr)}
+
+
 class ExplorationCallback(L.Callback):
     """At every epoch start, runs the DataModule's explorer on its next ``tasks_per_epoch`` tasks.
 
@@ -107,13 +115,12 @@ class ExplorationCallback(L.Callback):
         with PhaseProgress(f"epoch {epoch}", self.show_progress and trainer.is_global_zero, trainer) as progress:
             ctx = rollout_context(datamodule, pl_module, progress)
             result = datamodule.explorer.explore(tasks, ctx)
+        pl_module.rollout_engine.sleep()  # every rank reaches this point: free the engine's memory for training
         datamodule.buffer.put(result.groups, result.sft)
         steps = datamodule.plan_epoch(trainer.world_size, reduce_max_fn(trainer))
         stats = dict(result.stats, **ctx.call_stats(), time_explore_s=time.perf_counter() - start,
                      optimizer_steps=float(steps))
-        syncs = getattr(pl_module.rollout_engine, "syncs", None)  # engines that copy weights (vLLM) count them
-        if syncs is not None:
-            stats["engine_weight_syncs"] = float(syncs)
+        stats.update(engine_counts(pl_module.rollout_engine))
         self.last_stats = reduce_stats(trainer, stats, datamodule.explorer.averaged_stats | AVERAGED_STATS)
         metrics = {f"explore/{k}": v for k, v in self.last_stats.items()}
         for logger in trainer.loggers:

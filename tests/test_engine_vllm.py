@@ -40,8 +40,9 @@ def test_r3l_fit_with_the_vllm_engine_runs_two_epochs(tmp_path):
     rows = list(csv.DictReader(open(next(tmp_path.glob("runs/smoke/csv/version_*/metrics.csv")))))
     steps = [row for row in rows if row.get("train/loss")]
     assert len(steps) >= 2  # optimizer steps in both epochs
-    # completed in-place weight reloads: creation (eval before training) and epoch 0's start; then one after
-    # every optimizer step (sync_every 1), one before the evaluation after epoch 0, one at epoch 1's start
+    # completed in-place weight reloads: creation (eval before training); none at epoch 0's start (no optimizer
+    # step since); one before the evaluation after epoch 0 (its steps); none at epoch 1's start again
     explored = [row for row in rows if row.get("explore/engine_weight_syncs")]
-    syncs = [float(row["explore/engine_weight_syncs"]) for row in explored]
-    assert syncs == [2.0, 2.0 + float(explored[0]["explore/optimizer_steps"]) + 2.0]
+    assert [float(row["explore/engine_weight_syncs"]) for row in explored] == [1.0, 2.0]
+    assert [float(row["explore/engine_syncs_skipped"]) for row in explored] == [1.0, 2.0]
+    assert [float(row["explore/engine_starts"]) for row in explored] == [1.0, 1.0]

