@@ -54,11 +54,13 @@ def reduce_stats(trainer: L.Trainer, stats: dict[str, float], averaged: Collecti
     return {k: float(v) / (trainer.world_size if k in averaged else 1) for k, v in zip(keys, total.tolist())}
 
 
-def epoch_summary(epoch: int, stats: dict[str, float], train_s: float) -> str:
+def epoch_summary(epoch: int, stats: dict[str, float], train_s: float, no_signal_steps: int | None = None) -> str:
     """One console line per epoch, e.g. ``epoch 3 | base 0.31 | reflections 16: valid 14, informative 9 |
-    retries 12 → improved 5 | distill 12 sft 5 | explore 17 s | train 2 steps 41 s`` (parts whose
-    statistics the explorer does not report are left out). A report that parses but says nothing a retry can act
-    on (it copies the prompt, its suggestion is empty) is valid, not informative."""
+    retries 12 → improved 5, same as base 2 | distill 12 sft 5 | zero-spread groups 0.62, nonzero adv 0.31 |
+    explore 17 s | train 2 steps (1 without signal) 41 s`` (parts whose statistics the explorer does not report
+    are left out). A report that parses but says nothing a retry can act on (it copies the prompt, its suggestion
+    is empty) is valid, not informative; a retry whose response at the pivot is the base's, word for word, is
+    "same as base"; a step without signal (``no_signal_steps``) trained nothing: every sample's weight was 0."""
     parts = [f"epoch {epoch}", f"base {stats.get('base_success_rate', 0.0):.2f}"]
     if "reflections" in stats:
         reflections = stats["reflections"]
@@ -68,7 +70,10 @@ def epoch_summary(epoch: int, stats: dict[str, float], train_s: float) -> str:
             part += f", informative {stats['informative_reflections']:.0f}"
         parts.append(part)
     if "retries" in stats:
-        parts.append(f"retries {stats['retries']:.0f} → improved {stats.get('retries_improved', 0.0):.0f}")
+        part = f"retries {stats['retries']:.0f} → improved {stats.get('retries_improved', 0.0):.0f}"
+        if "retry_same_as_base_rate" in stats:
+            part += f", same as base {stats['retry_same_as_base_rate'] * stats['retries']:.0f}"
+        parts.append(part)
     counted = [kind for kind in SAMPLE_KINDS if f"samples_{kind}" in stats]
     samples = [f"{kind} {stats[f'samples_{kind}']:.0f}" for kind in counted
                if SAMPLE_KINDS[kind].objective != "sft" and kind != "base"
@@ -78,8 +83,14 @@ def epoch_summary(epoch: int, stats: dict[str, float], train_s: float) -> str:
         samples.append(f"sft {sum(sft):.0f}")
     if samples:
         parts.append(" ".join(samples))
+    if "frac_reward_zero_std" in stats:
+        parts.append(f"zero-spread groups {stats['frac_reward_zero_std']:.2f}, "
+                     f"nonzero adv {stats.get('frac_nonzero_advantage', 0.0):.2f}")
     parts.append(f"explore {stats.get('time_explore_s', 0.0):.0f} s")
-    parts.append(f"train {stats.get('optimizer_steps', 0.0):.0f} steps {train_s:.0f} s")
+    steps = f"train {stats.get('optimizer_steps', 0.0):.0f} steps"
+    if no_signal_steps:
+        steps += f" ({no_signal_steps} without signal)"
+    parts.append(f"{steps} {train_s:.0f} s")
     return " | ".join(parts)
 
 
@@ -130,6 +141,10 @@ class ExplorationCallback(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         train_s = time.perf_counter() - self._epoch_started
+        no_signal = getattr(pl_module, "no_signal_steps_in_epoch", None)  # R3LModule counts them (rank 0's)
+        metrics = {"time/train_s": train_s}
+        if no_signal is not None:
+            metrics["train/no_signal_steps"] = float(no_signal)
         for logger in trainer.loggers:
-            logger.log_metrics({"time/train_s": train_s}, step=trainer.global_step)
-        say(trainer, epoch_summary(trainer.current_epoch, self.last_stats, train_s))
+            logger.log_metrics(metrics, step=trainer.global_step)
+        say(trainer, epoch_summary(trainer.current_epoch, self.last_stats, train_s, no_signal))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -33,14 +34,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def umask_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (``0o666 & ~umask``, 0o644 for umask 022)."""
+    with _UMASK_LOCK:  # the umask can only be read by setting it
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: _PATH, mode: str = "wb") -> Iterator[IO]:
     """A file object whose content replaces ``path`` only once the block ends without an error:
-    written beside the target, flushed, fsynced, then ``os.replace``d onto it (parents are created)."""
+    written beside the target, flushed, fsynced, then ``os.replace``d onto it (parents are created).
+    The file gets the mode of any new file under the umask (``mkstemp``'s own 0o600 would hide a run's
+    checkpoints and rollout logs from colleagues on a shared filesystem)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, umask_file_mode())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -24,6 +24,8 @@ def run_tool(args: list[str]) -> None:
     rep = tools.add_parser("report", help="print the key figures and write curves.png from the CSV metrics")
     rep.add_argument("run_dir", help="a run directory (runs/<job>), a log directory or a metrics.csv")
     rep.add_argument("-o", "--out", help="output PNG (default curves.png next to metrics.csv)")
+    rep.add_argument("--x", choices=("epoch", "step", "tokens"), default="epoch",
+                     help="x axis of curves.png: epochs trained, optimizer steps or rollout tokens (default epoch)")
     options = parser.parse_args(args)
     try:
         if options.tool == "view":
@@ -34,7 +36,7 @@ def run_tool(args: list[str]) -> None:
         else:
             from r3l_lightning.report import report
 
-            text, png = report(options.run_dir, options.out)
+            text, png = report(options.run_dir, options.out, options.x)
             print(f"{text}\ncurves: {png}")
     except FileNotFoundError as err:
         parser.exit(2, f"r3l {options.tool}: {err}\n")

@@ -148,6 +148,7 @@ class R3LModule(L.LightningModule):
             self.reference = load_policy(model_name_or_path, dtype).eval().requires_grad_(False)
         self.chat = ChatTokenizer(self.tokenizer, eos_token_ids(self.policy, self.tokenizer))
         self.skipped_steps = 0
+        self.no_signal_steps_in_epoch = 0  # this rank's steps of the current epoch whose every sample weighs 0
         self.rollout_engine = engine if engine is not None else default_engine()
         self.rollout_engine.bind(self.policy, self.tokenizer, self.chat.eos_token_ids)
 
@@ -313,7 +314,9 @@ class R3LModule(L.LightningModule):
 
         Runs after the exploration callback (Lightning calls callbacks' hooks first) on this rank's planned
         steps, which hold the same number of micro-batches on every rank, so sharded forwards stay matched.
+        Also resets the epoch's count of steps without signal (``no_signal_steps_in_epoch``).
         """
+        self.no_signal_steps_in_epoch = 0
         if self.hparams.old_logprobs != "trainer" or not self._uses_ratio():
             return
         datamodule = self.trainer.datamodule
@@ -382,23 +385,29 @@ class R3LModule(L.LightningModule):
             for logger in self.trainer.loggers:
                 logger.log_metrics({"train/skipped_nonfinite_steps": float(self.skipped_steps)}, step=self.global_step)
             return loss_total
-        if self.hparams.max_grad_norm is not None:
-            self._clip_gradients(optimizer, self.hparams.max_grad_norm)
+        grad_norm = self._clip_gradients(optimizer, self.hparams.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         self.rollout_engine.on_policy_update(self.global_step)
-        self._log_step(batch, loss_total, totals, mismatch)
+        self._log_step(batch, loss_total, totals, mismatch, grad_norm)
         return loss_total
 
-    def _clip_gradients(self, optimizer, max_norm: float) -> None:
-        """Global-norm clipping; FSDP1 needs its root's ``clip_grad_norm_`` (Lightning refuses it)."""
+    def _clip_gradients(self, optimizer, max_norm: float | None) -> torch.Tensor:
+        """The global gradient norm before clipping (``train/grad_norm``), then clipping to ``max_norm`` (None: no
+        clipping). FSDP1 needs its root's ``clip_grad_norm_`` (Lightning refuses it)."""
         from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
 
         if isinstance(self.policy, FullyShardedDataParallel):
-            self.policy.clip_grad_norm_(max_norm)
-        else:
+            return self.policy.clip_grad_norm_(float("inf") if max_norm is None else max_norm)
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if isinstance(norm, DTensor):  # FSDP2: the norm of this rank's shards, reduced to the global one
+            norm = norm.full_tensor()
+        if max_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        return norm
 
     def _any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
@@ -407,9 +416,14 @@ class R3LModule(L.LightningModule):
         return bool(flag.item() > 0)
 
     def _log_step(self, batch: list[dict], loss: torch.Tensor, totals: dict[str, torch.Tensor],
-                  mismatch: MismatchTotals) -> None:
+                  mismatch: MismatchTotals, grad_norm: torch.Tensor) -> None:
         rl_rows = torch.cat([~mb["is_sft"] & (mb["loss_mask"].sum(1) > 0) for mb in batch])
         advantages = torch.cat([mb["advantages"] for mb in batch])[rl_rows]
+        sft_trainable = sum(_split_masks(mb)[1].sum() for mb in batch)
+        # a step without signal: its loss is exactly 0 because every RL advantage is 0, no SFT token is trained and
+        # no KL term pulls (every sample's weight is 0); it is counted as such, not shown as training
+        no_signal = not bool((advantages != 0).any()) and not bool(sft_trainable > 0) and self.hparams.kl_coef == 0
+        self.no_signal_steps_in_epoch += int(no_signal)
         assistant = sum(mb["assistant_tokens"][~mb["is_sft"]].sum() for mb in batch)
         rl_trainable = sum(_split_masks(mb)[0].sum() for mb in batch)
         n_rows = sum(mb["input_ids"].shape[0] for mb in batch)
@@ -422,6 +436,8 @@ class R3LModule(L.LightningModule):
             "train/trainable_tokens": totals["trainable_tokens"],
             "train/masked_fraction": 1.0 - rl_trainable / max(float(assistant), 1.0),
             "train/lr": torch.tensor(self.lr_schedulers().get_last_lr()[0]),
+            "train/grad_norm": grad_norm,
+            "train/no_signal_step": float(no_signal),
         }
         if advantages.numel():
             logs.update({

@@ -1,11 +1,15 @@
 """``r3l view RUN_DIR``: the run's rollout records as ONE self-contained HTML page (no server, no network).
 
-The page (template: ``assets/viewer.html``) filters by epoch, sample kind, outcome and task id, and
-shows each base trajectory next to its retry with the pivot step highlighted, the reflection's fields,
-and every sample's reward and advantage. It renders one page of groups at a time, so a run of
-20 epochs × 64 groups stays quick (``python benchmarks/viewer_size.py`` measures size and load time).
-Repeated long strings (system prompts, the prefix a retry shares with its base trajectory) are stored
-once in a string table.
+The page (template: ``assets/viewer.html``; docs/viewer.md describes it) opens with the run's config (method,
+model, seed, task settings) and an overview of every epoch (groups solved, reflections informative, retries
+improved, zero-spread groups). Each group is a compact table, one line per attempt (base answer, reflection verdict,
+pivot, retry answer, rewards, advantages) that expands on click into the base trajectory next to its retry with the
+pivot step highlighted, the reflection's fields, and every sample's reward and advantage. Filters (epoch, sample
+kind, outcome, task id) are kept in the address (``#epoch=train:3&outcome=improved``); ``view=eval-pairs`` shows
+each eval task's rollouts before and after training side by side. It renders one page of groups at a time, so a
+run of 20 epochs × 64 groups stays quick (``python benchmarks/viewer_size.py`` measures size and load time).
+Repeated long strings (system prompts, the prefix a retry shares with its base trajectory) are stored once in a
+string table.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from r3l_lightning.trajectory import SAMPLE_KINDS
 
 log = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).parent / "assets" / "viewer.html"
@@ -31,6 +39,8 @@ def find_log_dir(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"RUN_DIR {root} is not a directory: pass a run directory such as runs/countdown-r3l")
     if (root / "rollouts").is_dir():
         return root
+    if root.name == "rollouts" and any(root.glob("*.jsonl")):  # the rollouts folder itself
+        return root.parent
     candidates = [d.parent for d in root.rglob("rollouts") if d.is_dir() and any(d.glob("*.jsonl"))]
     if not candidates:
         raise FileNotFoundError(
@@ -64,9 +74,48 @@ def load_records(log_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def viewer_data(records: list[dict[str, Any]], summary: str) -> dict[str, Any]:
+def load_config(log_dir: str | Path) -> dict[str, Any]:
+    """The run's ``config.yaml`` (``r3l fit`` saves it in the log directory), or {} when there is none."""
+    path = Path(log_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        log.warning("%s is not YAML (%s); the page shows no config", path, err)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def config_summary(config: dict[str, Any]) -> list[list[str]]:
+    """The settings a reader needs first, as ``[name, value]`` pairs: method (explorer and its arguments), model,
+    seed, environment, training and evaluation tasks, epochs and tasks per epoch."""
+    data, model, trainer = (config.get(k) or {} for k in ("data", "model", "trainer"))
+
+    def component(value: Any) -> str:
+        if not isinstance(value, dict):
+            return "" if value is None else str(value)
+        name = str(value.get("class_path", "")).rsplit(".", 1)[-1]
+        args = value.get("init_args") or {}
+        inner = ", ".join(f"{k}: {component(v) if isinstance(v, dict) else v}" for k, v in args.items())
+        return f"{name}({inner})" if inner else name
+
+    rows = [
+        ["method", component(data.get("explorer"))],
+        ["model", str(model.get("model_name_or_path", ""))],
+        ["seed", str(config.get("seed_everything", ""))],
+        ["environment", component(data.get("environment"))],
+        ["train tasks", component(data.get("train_tasks"))],
+        ["eval tasks", component(data.get("eval_tasks"))],
+        ["schedule", f"{trainer.get('max_epochs', '?')} epochs × {data.get('tasks_per_epoch', '?')} tasks"],
+    ]
+    return [row for row in rows if row[1] not in ("", "None")]
+
+
+def viewer_data(records: list[dict[str, Any]], summary: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The page's data: groups with compact trajectories (messages as ``[role, content, guidance]``),
-    long strings that occur more than once replaced by their index in ``strings``."""
+    long strings that occur more than once replaced by their index in ``strings``, the sample kinds trained as
+    SFT (outside the reward-spread count), and the run's config (summary rows and full YAML)."""
     counts = Counter(
         text for record in records for attempt in record["attempts"] for trajectory in _trajectories(attempt)
         for text in [m["content"] for m in trajectory["messages"]] + [trajectory.get("feedback", "")]
@@ -99,24 +148,29 @@ def viewer_data(records: list[dict[str, Any]], summary: str) -> dict[str, Any]:
                 "retry": trajectory(a["retry"]) if a.get("retry") else None,
                 "pivot": a.get("pivot"),
                 "reflection": a.get("reflection"),
+                "retry_same_as_base": a.get("retry_same_as_base"),
                 "samples": a["samples"],
             })
         groups.append({"split": record.get("split", "train"), "epoch": record.get("epoch", 0),
                        "task_id": str(record["task_id"]), "task": json.dumps(record.get("task"), default=str)[:300],
                        "attempts": attempts})
-    return {"groups": groups, "kinds": kinds, "strings": list(index), "summary": summary}
+    config = config or {}
+    return {"groups": groups, "kinds": kinds, "strings": list(index), "summary": summary,
+            "sft_kinds": [k for k, info in SAMPLE_KINDS.items() if info.objective == "sft"],
+            "config": config_summary(config),
+            "config_yaml": yaml.safe_dump(config, sort_keys=False) if config else ""}
 
 
 def _trajectories(attempt: dict[str, Any]) -> list[dict[str, Any]]:
     return [attempt["base"]] + ([attempt["retry"]] if attempt.get("retry") else [])
 
 
-def render_html(records: list[dict[str, Any]], title: str) -> str:
-    """The self-contained page for ``records``."""
+def render_html(records: list[dict[str, Any]], title: str, config: dict[str, Any] | None = None) -> str:
+    """The self-contained page for ``records`` (and the run's ``config``)."""
     train = [r for r in records if r.get("split", "train") == "train"]
     epochs = len({r.get("epoch") for r in train})
     summary = f"{len(train)} training groups over {epochs} epochs, {len(records) - len(train)} eval groups"
-    data = json.dumps(viewer_data(records, summary), ensure_ascii=False, separators=(",", ":"))
+    data = json.dumps(viewer_data(records, summary, config), ensure_ascii=False, separators=(",", ":"))
     # inside <script>, "<" must not start a tag: JSON's \u003c escape keeps the text inert
     data = data.replace("<", "\\u003c")
     page = TEMPLATE.read_text(encoding="utf-8")
@@ -134,5 +188,5 @@ def write_viewer(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pa
     if not records:
         raise FileNotFoundError(f"{log_dir / 'rollouts'} holds no rollout records (empty files?)")
     target = Path(out) if out is not None else log_dir / "rollouts.html"
-    target.write_text(render_html(records, f"r3l view · {log_dir}"), encoding="utf-8")
+    target.write_text(render_html(records, f"r3l view · {log_dir}", load_config(log_dir)), encoding="utf-8")
     return target, len(records)

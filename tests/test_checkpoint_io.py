@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 
 import r3l_lightning.checkpoint_io as checkpoint_io
-from r3l_lightning.checkpoint_io import AtomicCheckpointIO
+from r3l_lightning.checkpoint_io import AtomicCheckpointIO, atomic_write
 
 
 def test_save_then_load_round_trips(tmp_path):
@@ -37,3 +40,19 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
 def test_storage_options_are_refused_by_name(tmp_path):
     with pytest.raises(TypeError, match="storage_options"):
         AtomicCheckpointIO().save_checkpoint({}, tmp_path / "a.ckpt", storage_options={"x": 1})
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_and_logs_get_the_umask_mode_not_owner_only(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+        with atomic_write(tmp_path / "rollouts" / "epoch_0.jsonl", "w") as f:
+            f.write("{}\n")
+        (tmp_path / "plain.txt").write_text("x")  # what open() gives a new file under this umask
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask  # 0o644 (colleagues read it) for umask 022, 0o640 for 027
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == expected
+    for path in (tmp_path / "last.ckpt", tmp_path / "rollouts" / "epoch_0.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ from r3l_lightning.explore import ExplorationResult, GroupExplorer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke" / "tiny.yaml"
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 def test_fit_two_epochs_writes_metrics_checkpoint_hf_model_rollouts_and_curves(tmp_path):
@@ -41,9 +44,22 @@ def test_fit_two_epochs_writes_metrics_checkpoint_hf_model_rollouts_and_curves(t
                 "eval/success_rate"):
         assert key in keys, f"{key} not logged"
     assert sum(1 for r in rows if r["train/loss"]) == 4  # 2 epochs x 2 tasks, 1 group per step
+    for row in (r for r in rows if r["train/loss"]):
+        # a step without signal (every advantage 0, no SFT token) has loss 0 and zero gradients; any other step has a
+        # gradient, logged before clipping
+        silent = float(row["train/no_signal_step"]) == 1.0
+        assert silent == (float(row["train/advantage_min"]) == float(row["train/advantage_max"]) == 0.0
+                          and float(row["train/sft_loss"]) == 0.0), row
+        assert (float(row["train/grad_norm"]) == 0.0 and float(row["train/loss"]) == 0.0) if silent else \
+            float(row["train/grad_norm"]) > 0.0, row
+    per_epoch = [float(r["train/no_signal_steps"]) for r in rows if r.get("train/no_signal_steps")]
+    assert sum(per_epoch) == sum(float(r["train/no_signal_step"]) for r in rows if r["train/loss"])
     assert sum(1 for r in rows if r["eval/success_rate"]) == 3  # before, after epoch 1, after training
     assert list(run_dir.glob("**/events.out.tfevents.*")), "no TensorBoard log"
     assert list(run_dir.glob("**/checkpoints/last.ckpt"))
+    for path in [*run_dir.glob("**/checkpoints/*.ckpt"), *run_dir.glob("**/rollouts/*.jsonl")]:
+        if not path.is_symlink():  # readable by colleagues under the umask (022 here), not owner-only
+            assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK, path
     (hf_dir,) = list(run_dir.glob("**/hf_model"))
     assert (hf_dir / "config.json").exists() and (hf_dir / "model.safetensors").exists()
     # what the agent did: one JSON line per group (2 tasks per epoch), eval rollouts after 0, 1, 2 epochs

@@ -212,3 +212,15 @@ def test_reference_code_loss_settings_reach_the_loss():
     expected = torch.stack(terms).sum() / tokens / 2 + 0.001 * torch.stack(k2).sum() / tokens
     assert torch.stack(k2).sum() > 0
     torch.testing.assert_close(step_loss(authors, [batch]), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_norm_is_the_global_norm_before_clipping(module):
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, 2.0 if i == 0 else 0.0)
+    # only the first tensor has a gradient: 2 in each of its n entries, so the norm is 2·√n
+    expected = 2.0 * params[0].numel() ** 0.5
+    norm = module._clip_gradients(None, max_norm=None)  # None: no clipping, the norm is still measured
+    torch.testing.assert_close(norm, torch.tensor(expected), rtol=1e-6, atol=0)
+    assert params[0].grad.eq(2.0).all()
+    module.policy.zero_grad(set_to_none=True)

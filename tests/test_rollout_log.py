@@ -177,6 +177,13 @@ def test_epoch_summary_line():
     assert epoch_summary(3, stats, 41.4).startswith("epoch 3 | base 0.31 | reflections 16: valid 14, informative 3 |")
     group_stats = {"base_success_rate": 0.5, "samples_base": 8.0, "time_explore_s": 3.0, "optimizer_steps": 1.0}
     assert epoch_summary(0, group_stats, 2.0) == "epoch 0 | base 0.50 | explore 3 s | train 1 steps 2 s"
+    # issue 20's counters: 3 of the 12 retries repeat the base at the pivot (rate 0.25); 10 of 16 groups have no
+    # reward spread, 5 of 16 samples a nonzero advantage; 1 of the 2 steps trained nothing (every weight 0)
+    stats.update(retry_same_as_base_rate=0.25, frac_reward_zero_std=0.625, frac_nonzero_advantage=0.3125)
+    assert epoch_summary(3, stats, 41.4, no_signal_steps=1) == (
+        "epoch 3 | base 0.31 | reflections 16: valid 14, informative 3 | retries 12 → improved 5, same as base 3"
+        " | distill 12 sft 10 | zero-spread groups 0.62, nonzero adv 0.31 | explore 17 s"
+        " | train 2 steps (1 without signal) 41 s")
 
 
 def test_vllm_logging_config_shows_each_warning_once_and_every_error(monkeypatch):
