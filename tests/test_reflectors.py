@@ -74,6 +74,15 @@ def test_the_reference_reflector_writes_the_solution_and_the_policy_retries_with
     assert stats.get("tokens_reflection", 0) == 2 * (len(tiny_chat.encode_text(text)) + 1)  # counted in the budget
 
 
+def test_without_sft_reflections_a_correction_trains_its_retry_only(tiny_chat):
+    explorer = R3LExplorer(group_size=4, reflector="reference", guidance_template="{improvement_suggestion}",
+                           guidance_placement="after_observation", sft_reflections=False)
+    result, _ = explore(tiny_chat, explorer, follows_hints(None))
+    kinds = [s["kind"] for s in result.records[0]["attempts"][0]["samples"]]
+    assert sorted(kinds) == ["base", "distill", "sft_retry"]
+    assert result.stats.get("samples_sft_reflect", 0) == 0 and result.stats["samples_sft_retry"] == 2
+
+
 def test_the_distill_sample_drops_the_guidance_placed_after_the_observation(tiny_chat):
     explorer = R3LExplorer(group_size=2, reflector="reference", guidance_template="{improvement_suggestion}",
                            guidance_placement="after_observation")

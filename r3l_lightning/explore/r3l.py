@@ -96,6 +96,9 @@ class R3LExplorer(GroupExplorer):
       reward of 1 (1.0 under ``r3l_reference``).
     - ``keep_success_reflections`` (reference code): a ``success`` reflection on a successful base
       trajectory is also kept as correction data.
+    - ``sft_reflections``: whether a verified correction's reflection becomes an SFT sample (the paper's
+      D_reflect; default true). ``false`` keeps only the corrected retries: with ``reflector: reference`` the
+      reports are not the policy's own, and at ~500 tokens of context each they dominate a CPU step.
     - ``pivotal_credit: false`` ("w/o pivotal credit"): every assistant turn of every sample, the
       guided retry's included, is trainable (as the reference code's w/o-credit workflow).
     - ``reflection_decoding``: ``schema`` (default) decodes every reflection under the JSON schema of a
@@ -154,6 +157,7 @@ class R3LExplorer(GroupExplorer):
         sft_rule: SFTRule = "paper",
         correction_loss: CorrectionLoss = "sft",
         keep_success_reflections: bool = False,
+        sft_reflections: bool = True,
         reflection_prompt: str = REFLECTION_SYSTEM_PROMPT,
         guidance_template: str | None = None,
         reflector: Literal["policy", "reference"] | Reflector = "policy",
@@ -193,6 +197,7 @@ class R3LExplorer(GroupExplorer):
         self.sft_rule = sft_rule
         self.correction_loss = correction_loss
         self.keep_success_reflections = keep_success_reflections
+        self.sft_reflections = sft_reflections
         self.reflection_prompt = reflection_prompt
         self.guidance_template = self.check_guidance_template(
             GUIDANCE_TEMPLATE if guidance_template is None else guidance_template)
@@ -421,7 +426,7 @@ class R3LExplorer(GroupExplorer):
         admitted = [retry for retry in attempt.retries if self.admits(attempt, retry, ctx.env)]
         success_kept = (self.keep_success_reflections and attempt.report is not None
                         and attempt.report.outcome == "success" and is_success(attempt.base.reward))
-        if admitted or success_kept:
+        if self.sft_reflections and (admitted or success_kept):
             reflection = Trajectory(attempt.reflection_prompt + [attempt.reflection], task_id=group.task.task_id)
             self.add_correction(ctx, group, attempt, reflection, 0, "sft_reflect", "reflection", None, counters)
         retry_credit = attempt.pivot if self.pivotal_credit else 0  # the replayed turns, none after a restart at 0
