@@ -96,9 +96,8 @@ class RecordingLLM:
 class FakeGPUVLLMEngine(VLLMEngine):
     """``VLLMEngine`` on a pretend GPU ``first_gpu + rank`` with :class:`RecordingLLM` as ``vllm.LLM``."""
 
-    def __init__(self, first_gpu: int = 0, **kwargs) -> None:
-        kwargs.setdefault("enable_sleep_mode", True)
-        super().__init__(**kwargs)
+    def __init__(self, first_gpu: int = 0, enable_sleep_mode: bool = True, **kwargs) -> None:
+        super().__init__(enable_sleep_mode=enable_sleep_mode, **kwargs)
         self.first_gpu = first_gpu
         self.current_gpu: int | None = None  # what the engine last set as the current device
 
