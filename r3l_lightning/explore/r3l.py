@@ -96,8 +96,8 @@ class R3LExplorer(GroupExplorer):
       reward of 1 (1.0 under ``r3l_reference``).
     - ``keep_success_reflections`` (reference code): a ``success`` reflection on a successful base
       trajectory is also kept as correction data.
-    - ``sft_reflections``: whether a verified correction's reflection becomes an SFT sample (the paper's
-      D_reflect; default true). ``false`` keeps only the corrected retries: with ``reflector: reference`` the
+    - ``sft_reflections``: whether a verified correction's reflection is trained (the paper's D_reflect, as
+      ``correction_loss`` says; default true). ``false`` keeps only the corrected retries: with ``reflector: reference`` the
       reports are not the policy's own, and at ~500 tokens of context each they dominate a CPU step.
     - ``pivotal_credit: false`` ("w/o pivotal credit"): every assistant turn of every sample, the
       guided retry's included, is trainable (as the reference code's w/o-credit workflow).
