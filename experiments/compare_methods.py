@@ -59,8 +59,12 @@ def run_command(args, overlay: str | None, seed: int, out: Path, before_training
         "--trainer.callbacks.every_n_epochs", str(args.eval_every),
         "--trainer.callbacks.max_new_tokens", str(args.eval_max_new_tokens),
         "--trainer.callbacks.max_tasks", str(args.eval_tasks),
+        "--trainer.callbacks.repeats", str(args.eval_repeats),
         "--trainer.callbacks.before_training", str(before_training).lower(),
     ]
+    if args.operators is not None:  # Countdown's task mix, for training and evaluation alike
+        cmd += ["--data.train_tasks.init_args.operators", args.operators,
+                "--data.eval_tasks.init_args.operators", args.operators]
     return cmd + args.extra
 
 
@@ -135,7 +139,12 @@ def main(argv: list[str] | None = None) -> None:
                              "main job generates ~1,800: 4 tasks × (4 base + 4 reflections + 4 retries))")
     parser.add_argument("--eval_every", type=int, default=3, help="epochs between evaluations")
     parser.add_argument("--eval_tasks", type=int, default=64)
+    parser.add_argument("--eval_repeats", type=int, default=4, help="samples per eval task (avg@k)")
     parser.add_argument("--eval_max_new_tokens", type=int, default=24)
+    parser.add_argument("--operators", type=lambda s: None if s == "none" else s,
+                        choices=["any", "balanced", None], default="balanced",
+                        help="CountdownTasks(operators=...) for training and eval: balanced (default) has no "
+                             "'a + b' shortcut; none: the config's own tasks")
     parser.add_argument("--optional", action="store_true", help="also run RAFT and OPMD")
     parser.add_argument("--methods", nargs="+", help="a subset of the method names (also the optional ones and "
                                                      f"{', '.join(repr(m) for m in FIDELITY)})")
@@ -199,7 +208,8 @@ def write_results(args, results: dict, initial: dict) -> None:
     init_mean, init_se = mean_se(list(initial.values()))
     lines = [
         f"{args.config.name}, seeds {', '.join(map(str, initial))}, "
-        f"budget {args.budget:,} generated rollout tokens per run, eval on {args.eval_tasks} held-out tasks.",
+        f"budget {args.budget:,} generated rollout tokens per run, tasks: operators {args.operators or 'as configured'}, "
+        f"eval on {args.eval_tasks} held-out tasks × {args.eval_repeats} samples.",
         "",
         "| method | seeds | eval success | eval reward | informative reflections | retries improved | rollout tokens "
         "| trained tokens | wall time |",
