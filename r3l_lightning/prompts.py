@@ -9,16 +9,24 @@ are kept as written. The fields and structure follow the R³L reference code; th
 from __future__ import annotations
 
 # R³L reflection (the system message; the user message carries the task instructions, the numbered
-# trajectory, the environment feedback and REFLECTION_REQUEST). Fields as in the spec, section 1.
-REFLECTION_SYSTEM_PROMPT = """You review an agent's attempt at a task and diagnose it.
-Answer with ONE JSON object and nothing else, with exactly these fields:
-{
-  "trajectory_summary": "the strategy used, the outcome, and how well it was executed",
-  "root_cause_analysis": "a chain of 'why?' down to the root cause of the problems (null only if flawless)",
-  "trajectory_outcome": "success" | "success_but_inefficient" | "failure",
-  "improvement_suggestion": "a general, self-contained principle that avoids the root cause (null iff success)",
-  "retry_from_step": the earliest step number where the root cause shows, 0 if the initial strategy was wrong (null iff success)
-}"""
+# trajectory, the environment feedback and REFLECTION_REQUEST). The paper's five fields (arXiv 2601.03715, §3.2).
+# Their descriptions stand outside the JSON and the one JSON shown is a filled-in report on an unrelated task, so
+# there is no placeholder value a small model can copy into its report (a copy of the example is still caught:
+# ``informativeness`` -> ``copies_prompt``).
+REFLECTION_SYSTEM_PROMPT = """You review an agent's attempt at a task and diagnose it, so that a second attempt can do better.
+Answer with ONE JSON object and nothing else. Its fields:
+- trajectory_summary: what the agent did at each step and what came of it.
+- root_cause_analysis: why it went wrong, traced back to the first cause; null only if nothing went wrong.
+- trajectory_outcome: "success", "success_but_inefficient" or "failure".
+- improvement_suggestion: what to do differently, concrete enough to act on; null if and only if the outcome is success.
+- retry_from_step: the earliest step number where the cause shows, 0 if the plan was wrong from the start; null if and only if the outcome is success.
+
+For the format only, a report on an unrelated task (convert 3 km to metres):
+{"trajectory_summary": "Step 0 answered 300 m and the checker rejected it.", "root_cause_analysis": "It used 100 metres per kilometre; a kilometre is 1000 metres.", "trajectory_outcome": "failure", "improvement_suggestion": "Multiply by 1000: 3 km is 3000 m.", "retry_from_step": 0}"""
+
+# ``reflection_schema: grounded``: the fields an environment adds (``Environment.grounded_fields``), one line each
+# under this header in the user message, before REFLECTION_REQUEST.
+GROUNDED_FIELDS_HEADER = "# Also fill these fields of the report (null if and only if the outcome is success)"
 
 REFLECTION_REQUEST = "Write the JSON diagnosis now."
 

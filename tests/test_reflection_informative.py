@@ -26,14 +26,15 @@ def test_a_diagnosis_of_the_attempt_is_informative():
     assert informativeness(report(), PROMPTS) == ""
 
 
-def test_copying_the_field_descriptions_of_the_prompt_is_not_informative():
-    # the main job's reports before this rule: the schema's own placeholder text, word for word
-    copied = report(summary="The strategy used, the outcome, and how well it was executed")
+def test_copying_the_field_descriptions_or_the_example_of_the_prompt_is_not_informative():
+    # the 135M policy's reports: the prompt's own text, word for word
+    copied = report(summary="What the agent did at each step and what came of it.")
     assert informativeness(copied, PROMPTS) == "copies_prompt"
+    assert informativeness(report(suggestion="Multiply by 1000: 3 km is 3000 m."), PROMPTS) == "copies_prompt"
     # six consecutive words of the prompt are enough, whatever the case and punctuation around them
-    assert informativeness(report(cause="A CHAIN of 'why?' down to the root cause."), PROMPTS) == "copies_prompt"
+    assert informativeness(report(cause="WHY it went wrong, traced back!"), PROMPTS) == "copies_prompt"
     # five are not: a diagnosis may use a few of the prompt's words
-    assert informativeness(report(cause="a chain of why down here"), PROMPTS) == ""
+    assert informativeness(report(cause="why it went wrong: adding"), PROMPTS) == ""
 
 
 def test_restating_the_task_rules_is_copying_too():
@@ -63,3 +64,38 @@ def test_a_grounded_field_that_repeats_a_failed_answer_is_not_informative():
     failed = ["<answer>3 + 5</answer>", "3 + 5", "5 + 3"]
     assert informativeness(report(equation_to_try="3  + 5"), PROMPTS, failed) == "repeats_failed_action"
     assert informativeness(report(equation_to_try="3 * 5"), PROMPTS, failed) == ""
+
+
+def test_the_default_prompt_shows_no_placeholder_value_only_a_filled_in_report():
+    # every JSON object the prompt shows is a complete, valid report (nothing like "<the strategy used>" to copy),
+    # and the field descriptions stand outside it, one line per field
+    import json
+    import re
+
+    from r3l_lightning.explore.reflection import FIELDS, parse_reflection
+
+    objects = re.findall(r"^\{.*\}$", REFLECTION_SYSTEM_PROMPT, flags=re.M)
+    assert len(objects) == 1
+    reflection, reason = parse_reflection(objects[0], num_turns=1)
+    assert reason == "" and reflection.outcome == "failure" and reflection.retry_from_step == 0
+    assert set(json.loads(objects[0])) == set(FIELDS)
+    assert all(re.search(rf"^- {name}: ", REFLECTION_SYSTEM_PROMPT, flags=re.M) for name in FIELDS)
+
+
+def test_grounded_fields_are_described_to_the_reflector_outside_the_json():
+    from r3l_lightning.envs.countdown import CountdownEnv
+    from r3l_lightning.envs.base import Task
+    from r3l_lightning.explore.reflection import reflection_messages
+    from r3l_lightning.prompts import GROUNDED_FIELDS_HEADER
+    from r3l_lightning.trajectory import Message, Trajectory
+
+    env = CountdownEnv()
+    task = Task("countdown-t", {"numbers": [2, 7], "target": 14})
+    base = Trajectory([Message("system", env.system_prompt()), Message("user", "Numbers [2, 7], target 14."),
+                       Message("assistant", "<answer>2 + 7</answer>")], observations=["Numbers [2, 7], target 14."])
+    fields = env.grounded_fields(task, base)
+    plain = reflection_messages(base, env.system_prompt())[1].content
+    grounded = reflection_messages(base, env.system_prompt(), grounded=fields)[1].content
+    assert GROUNDED_FIELDS_HEADER not in plain
+    line = f"- equation_to_try: {fields[0].description}"
+    assert f"{GROUNDED_FIELDS_HEADER}\n{line}" in grounded and grounded.endswith("Write the JSON diagnosis now.")

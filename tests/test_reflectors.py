@@ -19,10 +19,10 @@ from scripted import ScriptedEngine
 
 TASK = Task("countdown-x-0", {"numbers": [6, 8], "target": 48, "operator": "*"})
 ENV = dict(max_attempts=2, response_format="answer", constrain_answer=True, bound_operands=True)
-COPIED = json.dumps({  # the placeholder text of the default reflection prompt, as the 135M model wrote it
-    "trajectory_summary": "the strategy used, the outcome, and how well it was executed",
-    "root_cause_analysis": "a chain of 'why?' down to the root cause of the problems", "trajectory_outcome": "failure",
-    "improvement_suggestion": "error", "retry_from_step": 0})
+COPIED = json.dumps({  # the default reflection prompt's example report, copied (as the 135M model copies what it is shown)
+    "trajectory_summary": "Step 0 answered 300 m and the checker rejected it.",
+    "root_cause_analysis": "It used 100 metres per kilometre; a kilometre is 1000 metres.",
+    "trajectory_outcome": "failure", "improvement_suggestion": "error", "retry_from_step": 0})
 
 
 def follows_hints(reflection: str | None = COPIED):

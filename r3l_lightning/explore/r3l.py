@@ -284,7 +284,7 @@ class R3LExplorer(GroupExplorer):
 
     def reflection_messages(self, attempt: Attempt, ctx: RolloutContext) -> list[Message]:
         """The messages a reflection on ``attempt`` is asked with (R³L: the JSON report request)."""
-        return reflection_messages(attempt.base, ctx.env.system_prompt(), self.reflection_prompt)
+        return reflection_messages(attempt.base, ctx.env.system_prompt(), self.reflection_prompt, attempt.grounded)
 
     def reflection_constraint(self, attempt: Attempt, ctx: RolloutContext) -> Constraint | None:
         """What the reflection is decoded under: the report's JSON schema (``reflection_decoding: schema``)."""

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from r3l_lightning.envs.base import GroundedField
-from r3l_lightning.prompts import GUIDANCE_TEMPLATE, REFLECTION_REQUEST, REFLECTION_SYSTEM_PROMPT, fill
+from r3l_lightning.prompts import (GROUNDED_FIELDS_HEADER, GUIDANCE_TEMPLATE, REFLECTION_REQUEST,
+                                  REFLECTION_SYSTEM_PROMPT, fill)
 from r3l_lightning.trajectory import Message, Trajectory
 
 Outcome = Literal["success", "success_but_inefficient", "failure"]
@@ -105,9 +106,11 @@ def render_trajectory(trajectory: Trajectory) -> str:
 
 
 def reflection_messages(
-    trajectory: Trajectory, task_instructions: str, system_prompt: str = REFLECTION_SYSTEM_PROMPT
+    trajectory: Trajectory, task_instructions: str, system_prompt: str = REFLECTION_SYSTEM_PROMPT,
+    grounded: Sequence[GroundedField] = (),
 ) -> list[Message]:
-    """Chat messages that ask the policy to reflect on ``trajectory`` (``system_prompt``: see ``prompts``)."""
+    """Chat messages that ask the policy to reflect on ``trajectory`` (``system_prompt``: see ``prompts``); the
+    ``grounded`` fields' descriptions follow the feedback, one line each, outside any JSON."""
     hint = trajectory.info.get("reflection_hint") or ""
     parts = [
         f"# Task instructions given to the agent\n{task_instructions}",
@@ -116,6 +119,8 @@ def reflection_messages(
     ]
     if hint:
         parts.append(f"# Additional information\n{hint}")
+    if grounded:
+        parts.append("\n".join([GROUNDED_FIELDS_HEADER] + [f"- {g.name}: {g.description}" for g in grounded]))
     parts.append(REFLECTION_REQUEST)
     return [Message("system", system_prompt), Message("user", "\n\n".join(parts))]
 
