@@ -9,7 +9,7 @@ are kept as written. The fields and structure follow the R³L reference code; th
 from __future__ import annotations
 
 # R³L reflection (the system message; the user message carries the task instructions, the numbered
-# trajectory, the environment feedback and REFLECTION_REQUEST). Fields as in the spec, section 1.
+# trajectory, the environment feedback and REFLECTION_REQUEST). Fields: paper §4.1, Distillation Trajectories.
 REFLECTION_SYSTEM_PROMPT = """You review an agent's attempt at a task and diagnose it.
 Answer with ONE JSON object and nothing else, with exactly these fields:
 {
