@@ -1,4 +1,5 @@
-"""Group advantages (spec section 3): R³L positive amplification, its reference-code variant, baselines.
+"""Group advantages: R³L positive amplification (paper §4.3 Positive Amplification, Eq. 11), its
+reference-code variant, and the baselines (GRPO's Eq. 4 in §3.2).
 
 Edge cases, per mode (a group of one has no unbiased std; "all equal" means σ = 0):
 

@@ -8,13 +8,19 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
 from typing import Literal
+
+from jsonargparse import Namespace
 
 import lightning as L
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -30,6 +36,32 @@ from r3l_lightning.precision import AUTO, resolve_auto, resolve_precision
 @rank_zero_only
 def _announce(line: str) -> None:
     print(line, flush=True)
+
+
+def _class_specs(value: object, base: type) -> list[Namespace]:
+    """The ``class_path``/``init_args`` entries of a parsed ``trainer.logger`` or ``trainer.callbacks`` value
+    (one entry, a list, or ``None``/``True``/``False``) whose class is ``base`` or a subclass of it."""
+    entries = value if isinstance(value, list) else [value]
+    specs = []
+    for entry in entries:
+        if isinstance(entry, Namespace) and "class_path" in entry and "init_args" in entry:
+            module, name = entry.class_path.rsplit(".", 1)
+            if issubclass(getattr(importlib.import_module(module), name), base):
+                specs.append(entry)
+    return specs
+
+
+def derive_run_dirs(trainer: Namespace) -> None:
+    """Put what a parsed ``trainer`` config leaves without a directory into its run directory,
+    ``trainer.default_root_dir`` (Lightning's default: the working directory): each logger's ``save_dir`` and each
+    ``ModelCheckpoint``'s ``dirpath`` (``<run dir>/checkpoints``). Directories the config gives are kept."""
+    run_dir = trainer.default_root_dir or os.getcwd()
+    for logger in _class_specs(trainer.logger, Logger):
+        if "save_dir" in logger.init_args and logger.init_args.save_dir is None:
+            logger.init_args.save_dir = run_dir
+    for checkpoint in _class_specs(trainer.callbacks, ModelCheckpoint):
+        if checkpoint.init_args.dirpath is None:
+            checkpoint.init_args.dirpath = str(Path(run_dir) / "checkpoints")
 
 
 class R3LTrainer(L.Trainer):
@@ -76,9 +108,11 @@ class R3LCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Resolve ``trainer.precision: auto`` and ``model.model_dtype: auto`` (the task configs' default) and say
-        what was chosen and why in one line; the saved config records the resolved values."""
+        what was chosen and why in one line; put logs and checkpoints the config gives no directory into
+        ``trainer.default_root_dir`` (:func:`derive_run_dirs`). The saved config records the resolved values."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer, model = config.trainer, config.model
+        derive_run_dirs(trainer)
         trainer.precision, model.model_dtype, line = resolve_auto(trainer.precision, model.model_dtype,
                                                                   trainer.accelerator)
         if line is not None:

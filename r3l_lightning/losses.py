@@ -1,4 +1,5 @@
-"""Token logprobs, the policy / SFT losses and KL estimators (spec section 4 and the baselines of section 5).
+"""Token logprobs, the policy / SFT losses and KL estimators (the R³L objective, paper §4.3 Eq. 12; the
+baselines of §5.1 Experimental Setup, GRPO's clipped ratio and KL as in §3.2 Eqs. 5-6).
 
 Losses return a :class:`LossTerms` (numerator, denominator): the batch loss is numerator/denominator,
 and a caller that accumulates gradients over micro-batches sums the numerators and divides by the

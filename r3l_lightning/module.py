@@ -38,7 +38,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class R3LModule(L.LightningModule):
     """Owns the HF causal-LM policy and trains it on exploration data.
 
-    Loss (spec section 4): ``L = L_RL + sft_coef · L_SFT``. ``L_RL`` is masked REINFORCE with the
+    Loss (paper §4.3, Eq. 12): ``L = L_RL + sft_coef · L_SFT``. ``L_RL`` is masked REINFORCE with the
     explorer's advantages (no importance ratio, no clipping, no KL, no reference model) unless a
     baseline asks for them: ``clip_low``/``clip_high`` turn on the clipped importance ratio against
     the old policy (``ratio_level`` token or sequence; ``old_logprobs``), ``kl_coef > 0`` loads a frozen
@@ -53,7 +53,7 @@ class R3LModule(L.LightningModule):
         model_name_or_path: HF hub id, local checkpoint directory, or an embedded model name.
         engine: the rollout engine; ``None`` picks :func:`~r3l_lightning.engines.default_engine`
             (vLLM on CUDA machines with vLLM installed, ``HFEngine`` on the policy itself otherwise).
-        aggregation: ``seq-mean-token-mean`` (spec), ``token-mean`` (one token-mean over the step) or
+        aggregation: ``seq-mean-token-mean`` (paper Eq. 12), ``token-mean`` (one token-mean over the step) or
             ``token-mean-per-micro-batch`` (the reference code's verl: each micro-batch's token-mean, weighted by
             its share of the step's sequences; see :func:`~r3l_lightning.losses.micro_batch_denominator`).
         sft_coef: λ_sft.

@@ -9,7 +9,7 @@ are kept as written. The fields and structure follow the R³L reference code; th
 from __future__ import annotations
 
 # R³L reflection (the system message; the user message carries the task instructions, the numbered
-# trajectory, the environment feedback and REFLECTION_REQUEST). The paper's five fields (arXiv 2601.03715, §3.2).
+# trajectory, the environment feedback and REFLECTION_REQUEST). The paper's five fields (§4.1, Distillation Trajectories).
 # Their descriptions stand outside the JSON and the one JSON shown is a filled-in report on an unrelated task, so
 # there is no placeholder value a small model can copy into its report (a copy of the example is still caught:
 # ``informativeness`` -> ``copies_prompt``).

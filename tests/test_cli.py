@@ -13,10 +13,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from r3l_lightning.checkpoint_io import AtomicCheckpointIO
-from r3l_lightning.cli import cli_main
+from r3l_lightning.cli import R3LCLI, R3LTrainer, cli_main, derive_run_dirs
+from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.explore import ExplorationResult, GroupExplorer
+from r3l_lightning.loggers import CSVLogger
+from r3l_lightning.module import R3LModule
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke" / "tiny.yaml"
@@ -181,6 +186,40 @@ def test_wandb_overlay_adds_a_wandb_logger_to_the_task_loggers(capsys):
                   "--config", str(ROOT / "configs" / "loggers" / "wandb.yaml"), "--print_config"])
     loggers = [lg["class_path"].rsplit(".", 1)[1] for lg in yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]]
     assert loggers == ["CSVLogger", "TensorBoardLogger", "WandbLogger"]  # the CSV logger stays first: log_dir
+
+
+TASK_CONFIGS = sorted((ROOT / "configs").glob("*/r3l.yaml"))
+
+
+@pytest.mark.parametrize("config", [*TASK_CONFIGS, SMOKE], ids=lambda p: p.parent.name)
+def test_each_config_names_its_run_directory_once(config):
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    assert trainer["default_root_dir"].startswith("runs/")
+    given = [entry["init_args"] for entry in trainer["logger"] + trainer["callbacks"] if "init_args" in entry]
+    assert not [args for args in given if "save_dir" in args or "dirpath" in args]
+
+
+def test_logs_and_checkpoints_follow_the_run_directory_given_on_the_command_line(tmp_path):
+    run_dir = tmp_path / "elsewhere"
+    cli = R3LCLI(R3LModule, ExperienceDataModule, trainer_class=R3LTrainer, run=False,
+                 args=["--config", str(SMOKE), "--trainer.default_root_dir", str(run_dir)])
+    assert [(type(lg).__name__, Path(lg.log_dir)) for lg in cli.trainer.loggers] == [
+        ("CSVLogger", run_dir / "csv" / "version_0"), ("TensorBoardLogger", run_dir / "tb" / "version_0")]
+    assert [Path(c.dirpath) for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)] == [run_dir / "checkpoints"]
+    assert cli.config.trainer.logger[0].init_args.save_dir == str(run_dir)  # what the saved config.yaml records
+
+
+def test_directories_a_config_gives_are_kept():
+    trainer = Namespace(
+        default_root_dir="runs/a",
+        logger=[Namespace(class_path="r3l_lightning.loggers.CSVLogger", init_args=Namespace(save_dir="logs", name="csv")),
+                Namespace(class_path="r3l_lightning.loggers.TensorBoardLogger", init_args=Namespace(save_dir=None))],
+        callbacks=Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(dirpath="ck")))
+    derive_run_dirs(trainer)
+    assert [lg.init_args.save_dir for lg in trainer.logger] == ["logs", "runs/a"]
+    assert trainer.callbacks.init_args.dirpath == "ck"
+    with pytest.raises(ValueError, match="CSVLogger: save_dir is not set"):
+        CSVLogger()  # outside the CLI nothing fills it in
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)

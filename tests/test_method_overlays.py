@@ -97,8 +97,10 @@ def resolved(overlay: str, capsys) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-def test_every_method_overlay_is_in_the_table():
-    assert {p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml")} == set(EXPECTED)
+def test_every_row_of_the_table_has_its_overlay():
+    # a method outside the paper (docs/extending.md's best_of_n) needs no row: test_cli parses and trains every
+    # overlay, and a new method is one explorer file, one overlay and one test, with nothing to register here
+    assert set(EXPECTED) <= {p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml")}
 
 
 @pytest.mark.parametrize("overlay", sorted(EXPECTED))

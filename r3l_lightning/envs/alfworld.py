@@ -12,10 +12,11 @@ Games come from either
 IMPORTANT: generated games are NOT the official ALFWorld benchmark split. Every number reported on
 them must say so; :data:`GENERATED_GAMES_DISCLAIMER` holds the sentence to print.
 
-Rules (spec section 6): reward 1 when the game is won, else 0; at most ``max_turns`` (25) actions;
-the action is the first non-empty line of the response; an action that is not one of the
-admissible commands ends the episode with reward 0 ("invalid action") when
-``end_on_invalid_action``, else the game answers "Nothing happens." and the episode goes on.
+Rules (paper §5.1 Experimental Setup and the appendix's implementation details): reward 1 when the
+game is won, else 0; at most ``max_turns`` (25) actions; the action is the first non-empty line of
+the response; an action that is not one of the admissible commands ends the episode with reward 0
+("invalid action") when ``end_on_invalid_action``, else the game answers "Nothing happens." and the
+episode goes on.
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ class AlfWorldEpisode(Episode):
 
 
 class AlfWorldEnv(Environment):
-    """ALFWorld text environment (spec section 6: 25 turns, reward 1 on goal, invalid action ends)."""
+    """ALFWorld text environment (paper §5.1: 25 turns, reward 1 on goal, invalid action ends)."""
 
     def __init__(self, max_turns: int = 25, show_admissible_commands: bool = True,
                  end_on_invalid_action: bool = True) -> None:

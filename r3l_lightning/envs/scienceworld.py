@@ -30,7 +30,7 @@ Design notes (measured on scienceworld 1.2.3; see ``tests/test_env_scienceworld.
   lower-cased (object names are lower case in ScienceWorld; ``Go To Kitchen`` does not parse).
   A response with no such line, or one the simulator answers with ``No known action matches that
   input.`` / ``Unknown action. …`` / ``ERROR: …`` is invalid: by default the episode ends with reward
-  0 and a feedback message (spec §6); with ``end_on_invalid_action=False`` the simulator's answer is
+  0 and a feedback message (paper §5.1); with ``end_on_invalid_action=False`` the simulator's answer is
   the observation and the episode goes on. An *ambiguous* action (the simulator asks "Please enter
   the number for the action you intended") is resolved when ``resolve_ambiguity`` (default), as
   common ScienceWorld agents do, to the alphabetically first reading — not to entry 0, because the

@@ -37,7 +37,7 @@ So the adapter checks each action against ``/available_actions`` before sending 
 the R³L reference code (``shiweijiezero/R3L``, ``trinity/common/workflows/envs/R3L/webshop/utils.py``,
 ``validate_action``): ``search[q]`` needs a non-empty ``q`` and a search bar on the page;
 ``click[x]`` needs ``x.lower()`` among the clickables. A response without ``search[...]``/``click[...]``
-or with an invalid action ends the episode with reward 0 and a feedback message (spec §6;
+or with an invalid action ends the episode with reward 0 and a feedback message (paper §5.1;
 ``info["invalid_action"]``, plus ``info["unparseable"]`` for the former).
 
 **Reward.** The server's reward (clamped to [0, 1]) when ``done`` (a purchase); 0 when the

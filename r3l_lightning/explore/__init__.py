@@ -1,6 +1,6 @@
 """Exploration: the explorer contract (``base``), attempts (``attempt``), batched episodes, reflection, and one
-explorer per method (``group``, ``dapo``, ``raft``, ``r3l``, ``reflect_grpo``, ``critique_grpo``). Every
-explorer is importable from here."""
+explorer per method (``group``, ``dapo``, ``raft``, ``r3l``, ``reflect_grpo``, ``critique_grpo``). Every one of
+them is importable from here; ``best_of_n`` (docs/extending.md's example) by its module path."""
 
 from r3l_lightning.explore.attempt import Attempt, TaskGroup
 from r3l_lightning.explore.base import ExplorationResult, Explorer
