@@ -99,3 +99,13 @@ def test_grounded_fields_are_described_to_the_reflector_outside_the_json():
     assert GROUNDED_FIELDS_HEADER not in plain
     line = f"- equation_to_try: {fields[0].description}"
     assert f"{GROUNDED_FIELDS_HEADER}\n{line}" in grounded and grounded.endswith("Write the JSON diagnosis now.")
+
+
+def test_rewriting_the_prompts_example_report_with_other_numbers_is_not_informative():
+    # what the 135M policy wrote on Countdown under the prompt with a worked example (seed 2 of the comparison)
+    assert informativeness(report(cause="It used 160 m per kilometre; a kilometre is 1600 m."), PROMPTS) == "copies_example"
+    assert informativeness(report(summary="Step 1 answered 480 m, the checker rejected it."), PROMPTS) == "copies_example"
+    # two words in a row are not enough, and a prompt without an example report flags nothing of the kind
+    assert informativeness(report(cause="It used addition; 2 + 7 misses 14."), PROMPTS) == ""
+    no_example = [REFLECTION_SYSTEM_PROMPT.split("For the format only")[0], TASK_RULES]
+    assert informativeness(report(cause="It used 160 m per kilometre; a kilometre is 1600 m."), no_example) == ""

@@ -192,6 +192,7 @@ _EMPTY_WORDS = frozenset(
 )
 MIN_SUGGESTION_WORDS = 2  # words outside _EMPTY_WORDS an actionable suggestion has at least
 COPY_WORDS = 6  # a field sharing this many consecutive words with the prompt copies it
+EXAMPLE_COPY_WORDS = 3  # ... or this many with an example report the prompt shows (its subject is not the task's)
 
 
 def _words(text: str) -> list[str]:
@@ -202,6 +203,22 @@ def _shingles(words: list[str], n: int = COPY_WORDS) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+def example_reports(text: str) -> list[dict]:
+    """The JSON objects written out in ``text`` (one per line, as the default reflection prompt shows its
+    example report)."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                found.append(value)
+    return found
+
+
 def informativeness(reflection: Reflection, prompt_texts: Sequence[str],
                     failed_actions: Sequence[str] = ()) -> str:
     """Why a valid report says nothing a retry can act on, or ``""`` when it is informative.
@@ -209,6 +226,9 @@ def informativeness(reflection: Reflection, prompt_texts: Sequence[str],
     - ``copies_prompt``: a free-text field shares :data:`COPY_WORDS` consecutive words with one of
       ``prompt_texts`` (what the reflector was shown: its instructions and field descriptions, the task, the
       trajectory): the model copied its input instead of diagnosing the attempt;
+    - ``copies_example``: a free-text field shares :data:`EXAMPLE_COPY_WORDS` consecutive words with an example
+      report shown in ``prompt_texts`` (:func:`example_reports`): the 135M policy rewrites the example with other
+      numbers ("It used 160 m per kilometre; a kilometre is 1600 m" on a Countdown task);
     - ``trivial_suggestion``: a report that asks for a retry and whose suggestion has fewer than
       :data:`MIN_SUGGESTION_WORDS` words outside :data:`_EMPTY_WORDS` (``"error"``, ``"try again"``, ``"1"``);
     - ``repeats_failed_action``: a grounded field (:attr:`Reflection.grounded`) proposes one of the
@@ -216,10 +236,14 @@ def informativeness(reflection: Reflection, prompt_texts: Sequence[str],
       again.
     """
     prompt = set().union(*(_shingles(_words(t)) for t in prompt_texts)) if prompt_texts else set()
-    for name in ("trajectory_summary", "root_cause_analysis", "improvement_suggestion"):
-        value = reflection.report.get(name)
-        if isinstance(value, str) and _shingles(_words(value)) & prompt:
-            return "copies_prompt"
+    example = {shingle for t in prompt_texts for report in example_reports(t) for v in report.values()
+               if isinstance(v, str) for shingle in _shingles(_words(v), EXAMPLE_COPY_WORDS)}
+    fields = [v for v in (reflection.report.get(name) for name in
+                          ("trajectory_summary", "root_cause_analysis", "improvement_suggestion")) if isinstance(v, str)]
+    if any(_shingles(_words(v)) & prompt for v in fields):
+        return "copies_prompt"
+    if any(_shingles(_words(v), EXAMPLE_COPY_WORDS) & example for v in fields):
+        return "copies_example"
     if reflection.wants_retry:
         suggestion = reflection.report.get("improvement_suggestion") or ""
         if sum(w not in _EMPTY_WORDS for w in _words(suggestion)) < MIN_SUGGESTION_WORDS:
