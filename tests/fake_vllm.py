@@ -61,6 +61,14 @@ class RecordingLLM:
             self.distributed_args = UniProcExecutor._distributed_args(SimpleNamespace(vllm_config=config))
         else:
             self.distributed_args = None
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self._shutdown))
+
+    def _shutdown(self) -> None:
+        """What vLLM 0.32's in-process ``EngineCore.shutdown`` does to the process: its real distributed cleanup."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.events.append("shutdown")
+        cleanup_dist_env_and_memory()
 
     def collective_rpc(self, method: str, args=(), kwargs=None):
         if self.backend == "mp":

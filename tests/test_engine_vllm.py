@@ -1,6 +1,5 @@
-"""VLLMEngine checks (tests/vllm_engine_checks.py, tests/vllm_lora_checks.py, tests/vllm_reload_checks.py), run in their
-own pytest process
-(see isolated.py)."""
+"""VLLMEngine checks (tests/vllm_engine_checks.py, tests/vllm_lora_checks.py, tests/vllm_reload_checks.py), run in
+their own pytest process (see isolated.py)."""
 
 from __future__ import annotations
 
