@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 from r3l_lightning.engines.base import SamplingParams  # noqa: E402
 from r3l_lightning.engines.hf import HFEngine  # noqa: E402
 from r3l_lightning.engines.vllm import VLLMEngine  # noqa: E402
+from r3l_lightning.engines.vllm_worker import pack_bucket  # noqa: E402
 from r3l_lightning.lora import LoRAConfig, add_lora, named_base_weights, named_inference_weights  # noqa: E402
 from r3l_lightning.models import TINY_RANDOM, load_policy, load_tokenizer  # noqa: E402
 
@@ -165,6 +166,13 @@ def test_a_weight_load_reaches_every_vllm_parameter(case, tmp_path):
         (parameters,) = engine.llm.collective_rpc("r3l_parameter_names")
         assert parameters == expected
         (loaded,) = engine.llm.collective_rpc("r3l_reload_weights", args=(stream(policy),))
+        assert loaded == expected
+        # the transport to workers in other processes (TP > 1, in_process false): raw-byte buckets
+        engine.llm.collective_rpc("r3l_begin_weight_update")
+        weights = list(stream(policy))
+        for bucket in (weights[: len(weights) // 2], weights[len(weights) // 2:]):
+            engine.llm.collective_rpc("r3l_load_weight_bucket", args=pack_bucket(bucket))
+        (loaded,) = engine.llm.collective_rpc("r3l_finish_weight_update")
         assert loaded == expected
         if case in ("plain", "qwen2"):  # loaded from their own checkpoint, then synced to moved weights
             _perturbed(policy, seed=2)
