@@ -66,6 +66,7 @@ def test_sharded_run_matches_a_single_process_run_on_the_same_data(tmp_path, str
     assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-5  # it trained
 
 
+@pytest.mark.slow  # two processes' start-up: 1-2 min on a quiet machine, 7 min with the CPUs shared
 @pytest.mark.parametrize("strategy", [FSDP2, FSDP1], ids=["fsdp2", "fsdp1"])
 def test_named_full_weights_of_a_sharded_policy_equal_the_single_process_state_dict(tmp_path, strategy):
     """What a weight sync streams into vLLM: every rank gathers the same full tensors, in the same order."""
