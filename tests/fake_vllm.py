@@ -61,6 +61,14 @@ class RecordingLLM:
             self.distributed_args = UniProcExecutor._distributed_args(SimpleNamespace(vllm_config=config))
         else:
             self.distributed_args = None
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self._shutdown))
+
+    def _shutdown(self) -> None:
+        """What vLLM 0.32's in-process ``EngineCore.shutdown`` does to the process: its real distributed cleanup."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.events.append("shutdown")
+        cleanup_dist_env_and_memory()
 
     def collective_rpc(self, method: str, args=(), kwargs=None):
         if self.backend == "mp":
@@ -140,14 +148,15 @@ class DumpEngineEvents(L.Callback):
 
 
 def _rank_check(kind: str, out: str) -> None:
-    """One rank of a 2-process gloo group launched the way ``kind`` ("lightning" or "slurm") launches it: create
-    the engine on pretend GPU 4 + rank, record what vLLM's executor would do, write ``<out>/rank<r>.json``."""
+    """One rank of a 2-process gloo group launched the way ``kind`` ("torchrun", "lightning" or "slurm") launches
+    it: create the engine on pretend GPU 4 + rank, record what vLLM's executor would do, write
+    ``<out>/rank<r>.json``."""
     import os
 
     from r3l_lightning.models import TINY_RANDOM, eos_token_ids, load_policy, load_tokenizer
 
-    rank = int(os.environ["LOCAL_RANK"] if kind == "lightning" else os.environ["SLURM_PROCID"])
-    assert "RANK" not in os.environ  # neither launcher sets it
+    rank = int(os.environ["SLURM_PROCID"] if kind == "slurm" else os.environ["LOCAL_RANK"])
+    assert ("RANK" in os.environ) == (kind == "torchrun")  # only torchrun sets it
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['R3L_TEST_PORT']}", rank=rank,
                             world_size=2)
     policy, tokenizer = load_policy(TINY_RANDOM), load_tokenizer(TINY_RANDOM)

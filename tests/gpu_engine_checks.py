@@ -4,11 +4,13 @@ process by tests/test_gpu_path.py (vLLM's modules are imported)."""
 from __future__ import annotations
 
 import random
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -98,3 +100,65 @@ def test_every_request_is_seeded_and_unseeded_calls_follow_pythons_random(model)
     engine.generate([[1], [2]], SamplingParams(max_new_tokens=2))
     assert engine.llm.seeds == first and None not in first and first[1] == first[0] + 1
     assert RANK_SEED_STRIDE > 10**6  # rank r's seeds start a stride above rank r - 1's
+
+
+@pytest.fixture()
+def trainer_group():
+    """A 1-process gloo group standing in for the trainer's (Lightning creates it before any engine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_closing_an_engine_runs_vllms_shutdown_but_keeps_the_trainers_process_group(model, trainer_group):
+    engine = _engine(model)
+    engine.sync_weights()
+    llm = engine.llm
+    engine.close()
+    assert llm.events[-1] == "shutdown"  # vLLM's cleanup ran (it destroys the default group unless kept)
+    assert dist.is_initialized()
+    ones = torch.ones(1)
+    dist.all_reduce(ones)
+    assert ones.item() == 1.0
+
+
+def test_a_second_engine_closes_the_first_which_restarts_at_its_next_sync(model, trainer_group):
+    fit_engine, eval_engine = _engine(model), _engine(model)
+    fit_engine.sync_weights()
+    first_llm = fit_engine.llm
+    eval_engine.sync_weights()  # fit, then evaluate with another engine in the same process
+    assert fit_engine.llm is None and first_llm.events[-1] == "shutdown"
+    assert eval_engine.llm is not None and dist.is_initialized()
+    fit_engine.sync_weights()
+    assert fit_engine.starts == 2 and eval_engine.llm is None
+
+
+def test_rebinding_to_another_policy_restarts_the_engine_on_the_new_weights(model, trainer_group):
+    engine = _engine(model)
+    engine.sync_weights()
+    other = load_policy(TINY_RANDOM)
+    with torch.no_grad():
+        other.model.norm.weight.fill_(2.0)
+    engine.bind(other, model[1], model[2])
+    assert engine.llm is None
+    engine.sync_weights()
+    assert engine.starts == 2 and torch.equal(engine.llm.loaded["model.norm.weight"], torch.full((128,), 2.0,
+                                                                                                  dtype=torch.bfloat16))
+
+
+class _HeldSleepPool(FakeGPUVLLMEngine):
+    _sleep_pool_bytes = staticmethod(lambda: 4096)  # an earlier engine's tensors still referenced somewhere
+
+
+def test_sleep_mode_memory_still_held_by_an_earlier_engine_is_a_clear_error(model):
+    engine = _HeldSleepPool()
+    engine.bind(*model)
+    with pytest.raises(RuntimeError, match=r"still holds 4096 bytes of vLLM's sleep-mode memory pool.*close\(\)"):
+        engine.sync_weights()
+    engine.enable_sleep_mode = False  # the fix the message names
+    engine.sync_weights()
+    assert engine.starts == 1

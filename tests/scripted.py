@@ -126,6 +126,21 @@ class DumpWeights(L.Callback):
         torch.save(state, f"{self.dirpath}/rank{trainer.global_rank}.pt")
 
 
+class DumpFullWeights(L.Callback):
+    """When training starts (the policy sharded by then), saves what ``named_full_weights`` yields on every rank,
+    in order, to ``<dirpath>/full_rank<r>.pt``, then stops the run."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_start(self, trainer, pl_module):
+        from r3l_lightning.models import named_full_weights
+
+        weights = [(name, tensor.cpu().clone()) for name, tensor in named_full_weights(pl_module.policy)]
+        torch.save(weights, f"{self.dirpath}/full_rank{trainer.global_rank}.pt")
+        trainer.should_stop = True
+
+
 class FixedExplorer(GroupExplorer):
     """Training data that depends only on the task ids (not on the model), for comparing a multi-process
     run with a single-process one on the same data. It still generates a rank-dependent number of

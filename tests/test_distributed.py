@@ -66,6 +66,24 @@ def test_sharded_run_matches_a_single_process_run_on_the_same_data(tmp_path, str
     assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-5  # it trained
 
 
+@pytest.mark.slow  # two processes' start-up: 1-2 min on a quiet machine, 7 min with the CPUs shared
+@pytest.mark.parametrize("strategy", [FSDP2, FSDP1], ids=["fsdp2", "fsdp1"])
+def test_named_full_weights_of_a_sharded_policy_equal_the_single_process_state_dict(tmp_path, strategy):
+    """What a weight sync streams into vLLM: every rank gathers the same full tensors, in the same order."""
+    fit(tmp_path, "--trainer.devices", "2", *strategy, "--trainer.logger", "false",
+        "--trainer.enable_checkpointing", "false",
+        "--trainer.callbacks", f"[{{class_path: scripted.DumpFullWeights, init_args: {{dirpath: {tmp_path}}}}}]")
+    expected = load_policy(TINY_RANDOM).state_dict()
+    assert expected["lm_head.weight"].data_ptr() == expected["model.embed_tokens.weight"].data_ptr()
+    del expected["lm_head.weight"]  # tied: yielded once, under the embedding's name
+    rank0, rank1 = (torch.load(tmp_path / f"full_rank{rank}.pt") for rank in (0, 1))
+    assert [name for name, _ in rank0] == [name for name, _ in rank1]
+    for weights in (rank0, rank1):
+        assert sorted(name for name, _ in weights) == sorted(expected)
+        for name, tensor in weights:
+            assert torch.equal(tensor, expected[name]), name
+
+
 def _exported(run_dir: Path) -> dict[str, torch.Tensor]:
     latest = max(run_dir.glob("runs/smoke/**/hf_model/model.safetensors"), key=lambda p: p.stat().st_mtime)
     return load_file(latest)

@@ -1,5 +1,5 @@
-"""VLLMEngine checks (tests/vllm_engine_checks.py, tests/vllm_lora_checks.py), run in their own pytest process
-(see isolated.py)."""
+"""VLLMEngine checks (tests/vllm_engine_checks.py, tests/vllm_lora_checks.py, tests/vllm_reload_checks.py), run in
+their own pytest process (see isolated.py)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,9 @@ def test_r3l_fit_with_the_vllm_engine_runs_two_epochs(tmp_path):
     assert [float(row["explore/engine_weight_syncs"]) for row in explored] == [1.0, 2.0]
     assert [float(row["explore/engine_syncs_skipped"]) for row in explored] == [1.0, 2.0]
     assert [float(row["explore/engine_starts"]) for row in explored] == [1.0, 1.0]
+
+
+@pytest.mark.slow  # ~5 min: seven engine start-ups, one of them vLLM's first import
+def test_vllm_reload_checks_pass_in_a_separate_process():
+    pytest.importorskip("peft")
+    assert_checks_pass(Path(__file__).with_name("vllm_reload_checks.py"))

