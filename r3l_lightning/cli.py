@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import re
+from argparse import Action
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +19,7 @@ from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from jsonargparse import DefaultHelpFormatter
 
 from r3l_lightning.callbacks.evaluation import EvalCallback, describe
 from r3l_lightning.callbacks.run_report import RunReportCallback
@@ -30,6 +33,35 @@ from r3l_lightning.precision import AUTO, resolve_auto, resolve_precision
 @rank_zero_only
 def _announce(line: str) -> None:
     print(line, flush=True)
+
+
+_RST_ROLE = re.compile(r":[a-z]+:`(~?)([^`<]*?)\s*(?:<[^`>]*>)?`")  # :class:`~a.b.C`, :func:`text <target>`
+_RST_LITERAL = re.compile(r"``(.+?)``")
+
+
+def plain_text(text: str) -> str:
+    """A docstring fragment without reStructuredText markup: ``:class:`~a.b.C``` → ``C``, ``:func:`a.f``` → ``a.f``,
+    double-backquoted literals → their text, a paragraph's closing ``::`` → ``:``."""
+
+    def role(match: re.Match) -> str:
+        target = match.group(2)
+        return target.rsplit(".", 1)[-1] if match.group(1) else target
+
+    text = _RST_LITERAL.sub(r"\1", _RST_ROLE.sub(role, text))
+    return re.sub(r"(\S)::(\s|$)", r"\1:\2", text)
+
+
+class PlainHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, with the docstrings' reStructuredText markup removed (:func:`plain_text`)."""
+
+    def _get_help_string(self, action: Action) -> str:
+        return plain_text(super()._get_help_string(action))
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+    def start_section(self, heading: str | None) -> None:
+        super().start_section(plain_text(heading) if heading else heading)
 
 
 class R3LTrainer(L.Trainer):
@@ -100,11 +132,13 @@ class R3LCLI(LightningCLI):
 
 def cli_main(args: list[str] | None = None) -> R3LCLI:
     quiet_third_party()
+    plain = {"formatter_class": PlainHelpFormatter}
     return R3LCLI(
         R3LModule,
         ExperienceDataModule,
         trainer_class=R3LTrainer,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={**plain, **{subcommand: dict(plain) for subcommand in R3LCLI.subcommands()}},
         args=args,
     )
 
