@@ -24,7 +24,7 @@ from jsonargparse import DefaultHelpFormatter
 from r3l_lightning.callbacks.evaluation import EvalCallback, describe
 from r3l_lightning.callbacks.run_report import RunReportCallback
 from r3l_lightning.checkpoint_io import AtomicCheckpointIO
-from r3l_lightning.console import quiet_third_party
+from r3l_lightning.console import plain_model_summary, quiet_third_party
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.module import R3LModule
 from r3l_lightning.precision import AUTO, resolve_auto, resolve_precision
@@ -67,13 +67,14 @@ class PlainHelpFormatter(DefaultHelpFormatter):
 class R3LTrainer(L.Trainer):
     """A Lightning ``Trainer`` with :meth:`evaluate` (rollout benchmark without training) and ``precision: auto``
     (:func:`~r3l_lightning.precision.auto_precision`: ``bf16-mixed`` where the device has native bf16, else
-    ``32-true``)."""
+    ``32-true``); its default model summary has no FLOPs (:class:`~r3l_lightning.console.ParameterSummary`)."""
 
     def __init__(self, *args, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs) -> None:
         precision, reason = resolve_precision(precision, kwargs.get("accelerator", AUTO))
         if reason is not None:
             _announce(f"precision: auto -> {precision} ({reason})")
         super().__init__(*args, precision=precision, **kwargs)
+        self.callbacks = plain_model_summary(self.callbacks)
 
     def evaluate(self, model: R3LModule, datamodule: ExperienceDataModule, ckpt_path: str | None = None) -> dict:
         """Run the configured ``EvalCallback`` (or a default one) on ``model`` or a Lightning checkpoint.
@@ -103,7 +104,8 @@ class R3LCLI(LightningCLI):
 
     Checkpoints are written by :class:`AtomicCheckpointIO` unless the config names another
     ``CheckpointIO`` plugin; every fit ends with :class:`RunReportCallback` (key figures, curves.png)
-    unless the config lists its own.
+    unless the config lists its own, which is moved behind Lightning's progress bar: it prints after the bar's
+    last refresh, so its gain line is the console's last.
     """
 
     def before_instantiate_classes(self) -> None:
@@ -120,8 +122,8 @@ class R3LCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if not any(isinstance(c, RunReportCallback) for c in trainer.callbacks):
-            trainer.callbacks.append(RunReportCallback())
+        reports = [c for c in trainer.callbacks if isinstance(c, RunReportCallback)] or [RunReportCallback()]
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, RunReportCallback)] + reports
         return trainer
 
     @staticmethod

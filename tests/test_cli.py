@@ -32,9 +32,13 @@ def test_fit_two_epochs_writes_metrics_checkpoint_hf_model_rollouts_and_curves(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[eval before training] success_rate=" in proc.stderr + proc.stdout
     assert "[eval after training] success_rate=" in proc.stderr + proc.stdout
-    # the run's report ends with the before → after gain and its standard error
-    report_lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("curves: ", "[eval gain]"))]
-    assert report_lines[-2].startswith("curves: ") and report_lines[-1].startswith("[eval gain] success_rate "), report_lines
+    # the run's report ends with the before → after gain and its standard error: printed once, as the last line of
+    # stdout, after the progress bar's last refresh
+    lines = proc.stdout.rstrip().splitlines()
+    assert lines[-2].startswith("curves: ") and lines[-1].startswith("[eval gain] success_rate "), lines[-3:]
+    assert (proc.stdout + proc.stderr).count("[eval gain]") == 1
+    assert "FLOPs" not in proc.stdout + proc.stderr and "Flops" not in proc.stdout + proc.stderr
+    assert re.search(r"^params: [\d.]+ M trainable, 0 frozen", proc.stdout, flags=re.M), proc.stdout[:500]
     run_dir = tmp_path / "runs" / "smoke"
     (metrics,) = list(run_dir.glob("csv/version_*/metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))
