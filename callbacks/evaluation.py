@@ -11,7 +11,13 @@ from torchmetrics import MeanMetric
 
 from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.envs.base import Task
-from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
+from r3l_lightning.explore.episodes import (
+    RolloutContext,
+    RolloutCounters,
+    generation_rates,
+    run_episodes,
+    start_episode,
+)
 from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.records import trajectories_record
 from r3l_lightning.callbacks.exploration import rollout_context, timed_sync
@@ -144,6 +150,7 @@ class EvalCallback(L.Callback):
             "eval/time_s": elapsed,
             "eval/engine_calls": ctx.call_stats()["engine_calls"],  # this rank's
             **{f"eval/{k}": v for k, v in sync.items()},
+            **{f"eval/{k}": v for k, v in generation_rates(ctx.generation_totals()).items()},  # this rank's
         }
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, epoch: int) -> dict[str, float]:
