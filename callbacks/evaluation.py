@@ -14,7 +14,7 @@ from r3l_lightning.envs.base import Task
 from r3l_lightning.explore.episodes import (
     RolloutContext,
     RolloutCounters,
-    generation_rates,
+    completion_stats,
     run_episodes,
     start_episode,
 )
@@ -150,7 +150,7 @@ class EvalCallback(L.Callback):
             "eval/time_s": elapsed,
             "eval/engine_calls": ctx.call_stats()["engine_calls"],  # this rank's
             **{f"eval/{k}": v for k, v in sync.items()},
-            **{f"eval/{k}": v for k, v in generation_rates(ctx.generation_totals()).items()},  # this rank's
+            **{f"eval/{k}": v for k, v in completion_stats(ctx.generation_totals()).items()},  # this rank's
         }
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, epoch: int) -> dict[str, float]:

@@ -10,7 +10,7 @@ import torch
 
 from r3l_lightning.console import PhaseProgress, say
 from r3l_lightning.data import ExperienceDataModule
-from r3l_lightning.explore.episodes import RolloutContext, generation_rates
+from r3l_lightning.explore.episodes import RolloutContext, completion_stats
 from r3l_lightning.rollout_log import save_rollouts
 from r3l_lightning.trajectory import SAMPLE_KINDS
 
@@ -128,7 +128,7 @@ class ExplorationCallback(L.Callback):
     optimizer steps. Statistics are logged under ``explore/``, the engine's generate calls among them
     (``explore/engine_calls``, and ``explore/engine_calls_<phase>`` per phase: base, reflection, retry), and per
     phase the completions' count, mean and max length, clipped fraction and generation throughput
-    (:func:`~r3l_lightning.explore.episodes.generation_rates`); the
+    (:func:`~r3l_lightning.explore.episodes.completion_stats`); the
     explored groups go to the rollout log (``data.rollout_log``); progress bars show the phases
     (``show_progress``; without a terminal, a line every ``log_every_s`` seconds) and one summary line per epoch
     is printed when its training ends. ``explore/time_explore_s`` is the rollouts alone; bringing the engine to the
@@ -160,7 +160,7 @@ class ExplorationCallback(L.Callback):
                      optimizer_steps=float(steps), **{f"time_{k}": v for k, v in sync.items()})
         stats.update(engine_counts(pl_module.rollout_engine))
         self.last_stats = reduce_stats(trainer, stats, datamodule.explorer.averaged_stats | AVERAGED_STATS)
-        self.last_stats.update(generation_rates(self.last_stats))
+        self.last_stats.update(completion_stats(self.last_stats))
         metrics = {f"explore/{k}": v for k, v in self.last_stats.items()}
         for logger in trainer.loggers:
             logger.log_metrics({**metrics, "explore/epoch": float(epoch)}, step=trainer.global_step)

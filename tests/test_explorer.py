@@ -10,7 +10,7 @@ import pytest
 from r3l_lightning.callbacks.evaluation import evaluate_tasks
 from r3l_lightning.engines.base import Completion, SamplingParams
 from r3l_lightning.envs.base import Task
-from r3l_lightning.explore.episodes import RolloutContext, generation_rates
+from r3l_lightning.explore.episodes import RolloutContext, completion_stats
 from r3l_lightning.explore import CritiqueGRPOExplorer, DAPOExplorer, GroupExplorer, R3LExplorer
 from r3l_lightning.explore.dapo import overlong_penalty
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
@@ -377,10 +377,11 @@ def test_generation_totals_count_lengths_and_clipped_completions_per_phase(tiny_
                       "completions_clipped_eval": 1.0, "completion_len_max_eval": float(max(kiwi, apple))}
 
 
-def test_generation_rates_by_hand():
+def test_completion_stats_by_hand():
     totals = {"completions_base": 4.0, "completion_tokens_base": 10.0, "completions_clipped_base": 1.0,
               "completion_len_max_base": 4.0, "time_generate_base_s": 2.0,
               "completions_retry": 0.0, "completion_tokens_retry": 0.0, "completions_clipped_retry": 0.0,
               "completion_len_max_retry": 0.0, "time_generate_retry_s": 0.0}
-    assert generation_rates(totals) == {"completion_len_mean_base": 2.5, "completion_clipped_frac_base": 0.25,
+    assert completion_stats(totals) == {"completion_len_mean_base": 2.5, "completion_len_max_base": 4.0,
+                                        "completion_clipped_frac_base": 0.25,
                                         "tokens_per_s_base": 5.0, "samples_per_s_base": 2.0}  # no retries: no rates

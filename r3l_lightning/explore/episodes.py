@@ -66,7 +66,7 @@ class RolloutContext:
     def generation_totals(self) -> dict[str, float]:
         """Per phase: ``completions_<phase>``, ``completion_tokens_<phase>``, ``completions_clipped_<phase>`` (sums
         over ranks), ``completion_len_max_<phase>`` (a max over ranks) and ``time_generate_<phase>_s`` (an average
-        over ranks, which generate side by side); :func:`generation_rates` turns them into means and rates."""
+        over ranks, which generate side by side); :func:`completion_stats` turns them into means and rates."""
         stats = {}
         for phase in sorted(self.completions):
             stats.update({f"completions_{phase}": float(self.completions[phase]),
@@ -77,10 +77,10 @@ class RolloutContext:
         return stats
 
 
-def generation_rates(totals: dict[str, float]) -> dict[str, float]:
-    """From :meth:`RolloutContext.generation_totals` (of one rank, or reduced over ranks), per phase: the mean
-    completion length in tokens, the fraction of completions cut at the token budget, and generated tokens and
-    sequences per second of generation (over all ranks when reduced)."""
+def completion_stats(totals: dict[str, float]) -> dict[str, float]:
+    """From :meth:`RolloutContext.generation_totals` (of one rank, or reduced over ranks), per phase with
+    completions: the mean and max completion length in tokens, the fraction of completions cut at the token
+    budget, and generated tokens and sequences per second of generation (over all ranks when reduced)."""
     rates = {}
     for key, count in totals.items():
         if not key.startswith("completions_") or key.startswith("completions_clipped_") or not count:
@@ -88,6 +88,7 @@ def generation_rates(totals: dict[str, float]) -> dict[str, float]:
         phase = key.removeprefix("completions_")
         tokens, seconds = totals[f"completion_tokens_{phase}"], totals[f"time_generate_{phase}_s"]
         rates.update({f"completion_len_mean_{phase}": tokens / count,
+                      f"completion_len_max_{phase}": totals[f"completion_len_max_{phase}"],
                       f"completion_clipped_frac_{phase}": totals[f"completions_clipped_{phase}"] / count})
         if seconds > 0:
             rates.update({f"tokens_per_s_{phase}": tokens / seconds, f"samples_per_s_{phase}": count / seconds})
