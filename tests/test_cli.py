@@ -51,8 +51,8 @@ def test_fit_two_epochs_writes_metrics_checkpoint_hf_model_rollouts_and_curves(t
     undocumented = sorted(k for k in keys - {"step"} if not any(p.fullmatch(k) for p in documented_metrics()))
     assert not undocumented, f"add them to docs/metrics.md: {undocumented}"
     explore_row = next(r for r in rows if r["explore/completions_base"])
-    # 2 tasks x group size 4 base rollouts of 16 tokens at most (the smoke config's budget)
-    assert float(explore_row["explore/completions_base"]) == 8.0
+    # 2 tasks x 2 base rollouts (R³L: half of group size 4) of 16 tokens at most (the smoke config's budget)
+    assert float(explore_row["explore/completions_base"]) == 4.0
     assert 0 < float(explore_row["explore/completion_len_mean_base"]) <= float(explore_row["explore/completion_len_max_base"]) <= 16
     assert float(explore_row["explore/tokens_per_s_base"]) > 0
     for row in (r for r in rows if r["train/loss"]):

@@ -237,10 +237,13 @@ def test_vllm_logging_config_shows_each_warning_once_and_every_error(monkeypatch
     logging.config.dictConfig(config)
     layer = logging.getLogger("r3l-test-vllm.model_executor.reload")
     for seconds in (1.5, 2.25, 3.0):  # one weight sync each
-        layer.warning("%s: Failed to load weights", "RotaryEmbedding")
+        layer.warning("%s: Failed to load weights", "VocabParallelEmbedding")  # a real failure: shown once
+        layer.warning("%s: Failed to load weights", "RotaryEmbedding")  # a derived cache: dropped
+        layer.warning("%s: Failed to load weights", "ParallelLMHead")  # tied to the embedding: dropped
         layer.info("Reloading and processing weights took %.2f seconds", seconds)
         layer.error("worker died: %s", seconds)
+    logging.getLogger("r3l-test-vllm.platforms").warning("Triton is not installed. triton-cpu is expected on x86 CPUs.")
     lines = stream.getvalue().splitlines()
     assert [line.split("] ", 1)[1] for line in lines] == [
-        "RotaryEmbedding: Failed to load weights", "worker died: 1.5", "worker died: 2.25", "worker died: 3.0"]
+        "VocabParallelEmbedding: Failed to load weights", "worker died: 1.5", "worker died: 2.25", "worker died: 3.0"]
     logging.getLogger("r3l-test-vllm").handlers.clear()
