@@ -11,10 +11,16 @@ from torchmetrics import MeanMetric
 
 from r3l_lightning.engines.base import SamplingParams
 from r3l_lightning.envs.base import Task
-from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
+from r3l_lightning.explore.episodes import (
+    RolloutContext,
+    RolloutCounters,
+    completion_stats,
+    run_episodes,
+    start_episode,
+)
 from r3l_lightning.explore.base import is_success
 from r3l_lightning.explore.records import trajectories_record
-from r3l_lightning.callbacks.exploration import rollout_context
+from r3l_lightning.callbacks.exploration import rollout_context, timed_sync
 from r3l_lightning.console import PhaseProgress, say
 from r3l_lightning.rollout_log import save_rollouts
 from r3l_lightning.trajectory import Trajectory
@@ -56,9 +62,15 @@ def evaluate_tasks(ctx: RolloutContext, tasks: list[Task], params: SamplingParam
 
 
 def describe(label: str, result: dict[str, float]) -> str:
+    """The evaluation's console line, e.g. ``[eval before training] success_rate=0.281 reward=0.281 (128 rollouts,
+    5s; engine start-up 34s)``."""
+    times = [f"{result['eval/time_s']:.0f}s"]
+    times += [f"{name} {result[key]:.0f}s" for key, name in (("eval/engine_start_s", "engine start-up"),
+                                                           ("eval/weight_sync_s", "weight sync"))
+              if result.get(key, 0.0) >= 0.5]  # a sync that costs nothing (the HF engine samples the policy) is left out
     return (
         f"[eval {label}] success_rate={result['eval/success_rate']:.3f} reward={result['eval/reward']:.3f} "
-        f"({result['eval/rollouts']:.0f} rollouts, {result['eval/time_s']:.0f}s)"
+        f"({result['eval/rollouts']:.0f} rollouts, {'; '.join(times)})"
     )
 
 
@@ -70,8 +82,13 @@ class EvalCallback(L.Callback):
     ``eval/success_rate``, ``eval/engine_calls`` (this rank's generate calls) and ``eval/epoch`` (epochs
     trained before it); every result is also kept in ``history``, and the rollouts go to
     ``<log_dir>/rollouts/eval_<epoch>.jsonl`` (``data.rollout_log``). Every task's success rate is kept in
-    ``task_success[label]``; after training, the gain over the evaluation before training is printed and
-    logged (``eval/success_gain``, ``eval/success_gain_se``) with its paired standard error.
+    ``task_success[label]``; after training, the gain over the evaluation before training is printed (unless a
+    ``RunReportCallback`` prints it last) and logged (``eval/success_gain``, ``eval/success_gain_se``) with its
+    paired standard error.
+
+    ``eval/time_s`` is the evaluation's rollouts alone; bringing the engine to the policy's weights before them is
+    timed apart: ``eval/engine_start_s`` when it started the engine, else ``eval/weight_sync_s``.
+    ``log_every_s``: without a terminal, a progress line every so many seconds (``show_progress``).
     """
 
     def __init__(
@@ -86,6 +103,7 @@ class EvalCallback(L.Callback):
         after_training: bool = True,
         seed: int = 1234,
         show_progress: bool = True,
+        log_every_s: float = 30.0,
     ) -> None:
         self.every_n_epochs = every_n_epochs
         self.max_tasks = max_tasks
@@ -94,25 +112,28 @@ class EvalCallback(L.Callback):
         self.before_training = before_training
         self.after_training = after_training
         self.show_progress = show_progress
+        self.log_every_s = log_every_s
         self.history: list[dict[str, float]] = []
         self.task_success: dict[str, list[float]] = {}
         self.last_task_success: list[float] = []
         self.last_records: list[dict] = []  # this rank's rollout records of the last run, one per task
-        self.gain_line: str | None = None  # the printed before → after gain, once both evaluations ran
+        self.gain_line: str | None = None  # the before → after gain, once both evaluations ran
+        self.print_gain = True  # False: a RunReportCallback prints gain_line as the run's last line
 
     def run(self, datamodule, pl_module: L.LightningModule, rank: int = 0, world_size: int = 1,
             trainer: L.Trainer | None = None) -> dict[str, float]:
         """Evaluate this rank's shard of the eval tasks; means are synced across ranks. ``trainer``: the
         running one, whose progress display the eval bar joins."""
-        start = time.perf_counter()
-        pl_module.rollout_engine.sync_weights()  # every rank reaches this point: safe for collectives
         tasks = datamodule.eval_task_list(self.max_tasks)
         if not tasks:
             raise ValueError("evaluation needs data.eval_tasks: set it in the config")
+        sync = timed_sync(pl_module.rollout_engine)  # every rank reaches this point: safe for collectives
+        start = time.perf_counter()
         shard = tasks[rank::world_size]
-        with PhaseProgress("", self.show_progress and rank == 0, trainer) as progress:
+        with PhaseProgress("", self.show_progress and rank == 0, trainer, self.log_every_s) as progress:
             ctx = rollout_context(datamodule, pl_module, progress)
             trajectories = evaluate_tasks(ctx, shard, self.params, self.repeats)
+        elapsed = time.perf_counter() - start
         pl_module.rollout_engine.sleep()  # every rank reaches this point
         n = self.repeats
         self.last_records = [trajectories_record(task, trajectories[i * n : (i + 1) * n]) for i, task in enumerate(shard)]
@@ -126,8 +147,10 @@ class EvalCallback(L.Callback):
             "eval/reward": float(reward.compute()),
             "eval/success_rate": float(success.compute()),
             "eval/rollouts": float(len(tasks) * self.repeats),
-            "eval/time_s": time.perf_counter() - start,
+            "eval/time_s": elapsed,
             "eval/engine_calls": ctx.call_stats()["engine_calls"],  # this rank's
+            **{f"eval/{k}": v for k, v in sync.items()},
+            **{f"eval/{k}": v for k, v in completion_stats(ctx.generation_totals()).items()},  # this rank's
         }
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, label: str, epoch: int) -> dict[str, float]:
@@ -149,7 +172,8 @@ class EvalCallback(L.Callback):
         say(trainer, describe(label, result))
         if gain_line is not None:
             self.gain_line = gain_line
-            say(trainer, gain_line)
+            if self.print_gain:
+                say(trainer, gain_line)
         return result
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

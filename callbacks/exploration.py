@@ -10,14 +10,14 @@ import torch
 
 from r3l_lightning.console import PhaseProgress, say
 from r3l_lightning.data import ExperienceDataModule
-from r3l_lightning.explore.episodes import RolloutContext
+from r3l_lightning.explore.episodes import RolloutContext, completion_stats
 from r3l_lightning.rollout_log import save_rollouts
 from r3l_lightning.trajectory import SAMPLE_KINDS
 
 
 # this callback's own statistics averaged over ranks (the explorer's are in its ``averaged_stats``; every rank's
 # engine counts alike); every other statistic is summed
-AVERAGED_STATS = frozenset({"time_explore_s", "engine_starts", "engine_weight_syncs", "engine_syncs_skipped"})
+AVERAGED_STATS = frozenset({"engine_starts", "engine_weight_syncs", "engine_syncs_skipped"})  # and every time_*
 
 
 def rollout_context(datamodule: L.LightningDataModule, pl_module: L.LightningModule, progress=None) -> RolloutContext:
@@ -25,6 +25,16 @@ def rollout_context(datamodule: L.LightningDataModule, pl_module: L.LightningMod
     if not isinstance(datamodule, ExperienceDataModule):
         raise TypeError("exploration and evaluation callbacks need an ExperienceDataModule as `data`")
     return RolloutContext(datamodule.environment, pl_module.rollout_engine, pl_module.chat, progress)
+
+
+def timed_sync(engine) -> dict[str, float]:
+    """``engine.sync_weights()``, timed: ``{"engine_start_s": s}`` when the call started the engine (an engine that
+    counts its ``starts``), else ``{"weight_sync_s": s}``."""
+    starts = getattr(engine, "starts", 0)
+    start = time.perf_counter()
+    engine.sync_weights()
+    seconds = time.perf_counter() - start
+    return {"engine_start_s" if getattr(engine, "starts", 0) > starts else "weight_sync_s": seconds}
 
 
 def reduce_max_fn(trainer: L.Trainer):
@@ -41,8 +51,9 @@ def reduce_max_fn(trainer: L.Trainer):
 
 
 def reduce_stats(trainer: L.Trainer, stats: dict[str, float], averaged: Collection[str]) -> dict[str, float]:
-    """Statistics over all ranks: those named in ``averaged`` are averaged, every other one is summed (a key
-    missing on a rank counts as 0)."""
+    """Statistics over all ranks: those named in ``averaged`` and every ``time_*`` one (seconds the ranks spent side
+    by side) are averaged, every ``completion_len_max_*`` one is the max, every other one is summed (a key missing on
+    a rank counts as 0)."""
     if trainer.world_size == 1:
         return stats
     gathered: list[list[str]] = [[] for _ in range(trainer.world_size)]
@@ -50,8 +61,16 @@ def reduce_stats(trainer: L.Trainer, stats: dict[str, float], averaged: Collecti
     keys = sorted(set().union(*gathered))
     stats = {k: stats.get(k, 0.0) for k in keys}
     tensor = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=trainer.strategy.root_device)
+    maxima = tensor.clone()
+    torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
     total = trainer.strategy.reduce(tensor, reduce_op="sum")
-    return {k: float(v) / (trainer.world_size if k in averaged else 1) for k, v in zip(keys, total.tolist())}
+    reduced = {}
+    for key, value, largest in zip(keys, total.tolist(), maxima.tolist()):
+        if key.startswith("completion_len_max_"):
+            reduced[key] = float(largest)
+        else:
+            reduced[key] = float(value) / (trainer.world_size if key in averaged or key.startswith("time_") else 1)
+    return reduced
 
 
 def epoch_summary(epoch: int, stats: dict[str, float], train_s: float, no_signal_steps: int | None = None) -> str:
@@ -107,32 +126,41 @@ class ExplorationCallback(L.Callback):
     Each rank explores its own shard of the tasks with the module's rollout engine, puts the groups
     and SFT samples into the DataModule's buffer, and agrees with the other ranks on the number of
     optimizer steps. Statistics are logged under ``explore/``, the engine's generate calls among them
-    (``explore/engine_calls``, and ``explore/engine_calls_<phase>`` per phase: base, reflection, retry); the
+    (``explore/engine_calls``, and ``explore/engine_calls_<phase>`` per phase: base, reflection, retry), and per
+    phase the completions' count, mean and max length, clipped fraction and generation throughput
+    (:func:`~r3l_lightning.explore.episodes.completion_stats`); the
     explored groups go to the rollout log (``data.rollout_log``); progress bars show the phases
-    (``show_progress``) and one summary line per epoch is printed when its training ends.
+    (``show_progress``; without a terminal, a line every ``log_every_s`` seconds) and one summary line per epoch
+    is printed when its training ends. ``explore/time_explore_s`` is the rollouts alone; bringing the engine to the
+    policy's weights before them is ``explore/time_engine_start_s`` when it started the engine, else
+    ``explore/time_weight_sync_s``.
     """
 
-    def __init__(self, show_progress: bool = True) -> None:
+    def __init__(self, show_progress: bool = True, log_every_s: float = 30.0) -> None:
         self.show_progress = show_progress
+        self.log_every_s = log_every_s
         self.last_stats: dict[str, float] = {}
         self._epoch_started = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule: ExperienceDataModule = trainer.datamodule
-        pl_module.rollout_engine.sync_weights()  # every rank reaches this point: safe for collectives
+        sync = timed_sync(pl_module.rollout_engine)  # every rank reaches this point: safe for collectives
         tasks = datamodule.next_train_tasks(datamodule.tasks_per_epoch, trainer.global_rank, trainer.world_size)
         epoch = trainer.current_epoch
         start = time.perf_counter()
-        with PhaseProgress(f"epoch {epoch}", self.show_progress and trainer.is_global_zero, trainer) as progress:
+        with PhaseProgress(f"epoch {epoch}", self.show_progress and trainer.is_global_zero, trainer,
+                           self.log_every_s) as progress:
             ctx = rollout_context(datamodule, pl_module, progress)
             result = datamodule.explorer.explore(tasks, ctx)
+        explore_s = time.perf_counter() - start
         pl_module.rollout_engine.sleep()  # every rank reaches this point: free the engine's memory for training
         datamodule.buffer.put(result.groups, result.sft)
         steps = datamodule.plan_epoch(trainer.world_size, reduce_max_fn(trainer))
-        stats = dict(result.stats, **ctx.call_stats(), time_explore_s=time.perf_counter() - start,
-                     optimizer_steps=float(steps))
+        stats = dict(result.stats, **ctx.call_stats(), **ctx.generation_totals(), time_explore_s=explore_s,
+                     optimizer_steps=float(steps), **{f"time_{k}": v for k, v in sync.items()})
         stats.update(engine_counts(pl_module.rollout_engine))
         self.last_stats = reduce_stats(trainer, stats, datamodule.explorer.averaged_stats | AVERAGED_STATS)
+        self.last_stats.update(completion_stats(self.last_stats))
         metrics = {f"explore/{k}": v for k, v in self.last_stats.items()}
         for logger in trainer.loggers:
             logger.log_metrics({**metrics, "explore/epoch": float(epoch)}, step=trainer.global_step)

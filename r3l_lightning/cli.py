@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+from argparse import Action
 from pathlib import Path
 from typing import Literal
 
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 
 import lightning as L
 import torch
@@ -27,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from r3l_lightning.callbacks.evaluation import EvalCallback, describe
 from r3l_lightning.callbacks.run_report import RunReportCallback
 from r3l_lightning.checkpoint_io import AtomicCheckpointIO
-from r3l_lightning.console import quiet_third_party
+from r3l_lightning.console import plain_model_summary, quiet_third_party
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.module import R3LModule
 from r3l_lightning.precision import AUTO, resolve_auto, resolve_precision
@@ -64,16 +66,46 @@ def derive_run_dirs(trainer: Namespace) -> None:
             checkpoint.init_args.dirpath = str(Path(run_dir) / "checkpoints")
 
 
+_RST_ROLE = re.compile(r":[a-z]+:`(~?)([^`<]*?)\s*(?:<[^`>]*>)?`")  # :class:`~a.b.C`, :func:`text <target>`
+_RST_LITERAL = re.compile(r"``(.+?)``")
+
+
+def plain_text(text: str) -> str:
+    """A docstring fragment without reStructuredText markup: ``:class:`~a.b.C``` → ``C``, ``:func:`a.f``` → ``a.f``,
+    double-backquoted literals → their text, a paragraph's closing ``::`` → ``:``."""
+
+    def role(match: re.Match) -> str:
+        target = match.group(2)
+        return target.rsplit(".", 1)[-1] if match.group(1) else target
+
+    text = _RST_LITERAL.sub(r"\1", _RST_ROLE.sub(role, text))
+    return re.sub(r"(\S)::(\s|$)", r"\1:\2", text)
+
+
+class PlainHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, with the docstrings' reStructuredText markup removed (:func:`plain_text`)."""
+
+    def _get_help_string(self, action: Action) -> str:
+        return plain_text(super()._get_help_string(action))
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+    def start_section(self, heading: str | None) -> None:
+        super().start_section(plain_text(heading) if heading else heading)
+
+
 class R3LTrainer(L.Trainer):
     """A Lightning ``Trainer`` with :meth:`evaluate` (rollout benchmark without training) and ``precision: auto``
     (:func:`~r3l_lightning.precision.auto_precision`: ``bf16-mixed`` where the device has native bf16, else
-    ``32-true``)."""
+    ``32-true``); its default model summary has no FLOPs (:class:`~r3l_lightning.console.ParameterSummary`)."""
 
     def __init__(self, *args, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs) -> None:
         precision, reason = resolve_precision(precision, kwargs.get("accelerator", AUTO))
         if reason is not None:
             _announce(f"precision: auto -> {precision} ({reason})")
         super().__init__(*args, precision=precision, **kwargs)
+        self.callbacks = plain_model_summary(self.callbacks)
 
     def evaluate(self, model: R3LModule, datamodule: ExperienceDataModule, ckpt_path: str | None = None) -> dict:
         """Run the configured ``EvalCallback`` (or a default one) on ``model`` or a Lightning checkpoint.
@@ -103,7 +135,8 @@ class R3LCLI(LightningCLI):
 
     Checkpoints are written by :class:`AtomicCheckpointIO` unless the config names another
     ``CheckpointIO`` plugin; every fit ends with :class:`RunReportCallback` (key figures, curves.png)
-    unless the config lists its own.
+    unless the config lists its own, which is moved behind Lightning's progress bar: it prints after the bar's
+    last refresh, so its gain line is the console's last.
     """
 
     def before_instantiate_classes(self) -> None:
@@ -122,8 +155,8 @@ class R3LCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if not any(isinstance(c, RunReportCallback) for c in trainer.callbacks):
-            trainer.callbacks.append(RunReportCallback())
+        reports = [c for c in trainer.callbacks if isinstance(c, RunReportCallback)] or [RunReportCallback()]
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, RunReportCallback)] + reports
         return trainer
 
     @staticmethod
@@ -134,11 +167,13 @@ class R3LCLI(LightningCLI):
 
 def cli_main(args: list[str] | None = None) -> R3LCLI:
     quiet_third_party()
+    plain = {"formatter_class": PlainHelpFormatter}
     return R3LCLI(
         R3LModule,
         ExperienceDataModule,
         trainer_class=R3LTrainer,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={**plain, **{subcommand: dict(plain) for subcommand in R3LCLI.subcommands()}},
         args=args,
     )
 

@@ -11,6 +11,21 @@ import argparse
 import sys
 
 TOOLS = ("view", "report")
+COMMANDS = {  # the one-line help of every subcommand, as `r3l --help` lists them
+    "fit": "train: exploration, training and evaluation (r3l fit --config configs/countdown/r3l.yaml)",
+    "evaluate": "evaluate a model or checkpoint on the eval tasks without training",
+    "view": "write the rollout viewer: one self-contained HTML file",
+    "report": "print the key figures and write curves.png from the CSV metrics",
+}
+
+
+def overview() -> str:
+    """``r3l --help``: every subcommand, training and tools alike."""
+    lines = [f"usage: r3l {{{','.join(COMMANDS)}}} ...", "", "R³L (Reflect-then-Retry RL) for LLM agents.", "",
+             "subcommands:"]
+    lines += [f"  {name:<10}{text}" for name, text in COMMANDS.items()]
+    lines += ["", "`r3l <subcommand> --help` shows the options of each."]
+    return "\n".join(lines)
 
 
 def run_tool(args: list[str]) -> None:
@@ -18,10 +33,11 @@ def run_tool(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="r3l", description="Tools for a finished or running r3l run "
                                      "(training: r3l fit / r3l evaluate).")
     tools = parser.add_subparsers(dest="tool", required=True)
-    view = tools.add_parser("view", help="write the rollout viewer: one self-contained HTML file")
-    view.add_argument("run_dir", help="a run directory (runs/<job>) or a log directory holding rollouts/")
+    view = tools.add_parser("view", help=COMMANDS["view"])
+    view.add_argument("run_dir", help="a run directory (runs/<job>), a log directory holding rollouts/, or that "
+                      "rollouts/ folder")
     view.add_argument("-o", "--out", help="output file (default <log_dir>/rollouts.html)")
-    rep = tools.add_parser("report", help="print the key figures and write curves.png from the CSV metrics")
+    rep = tools.add_parser("report", help=COMMANDS["report"])
     rep.add_argument("run_dir", help="a run directory (runs/<job>), a log directory or a metrics.csv")
     rep.add_argument("-o", "--out", help="output PNG (default curves.png next to metrics.csv)")
     rep.add_argument("--x", choices=("epoch", "step", "tokens"), default="epoch",
@@ -43,7 +59,10 @@ def run_tool(args: list[str]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+    if sys.argv[1:] in ([], ["-h"], ["--help"]):
+        print(overview())
+        sys.exit(0 if sys.argv[1:] else 2)
+    if sys.argv[1] in TOOLS:
         run_tool(sys.argv[1:])
     else:
         from r3l_lightning.cli import main as lightning_main

@@ -7,8 +7,8 @@ training), written by ``EvalCallback``. One JSON object per line, one line per g
 
 Multi-process runs: every rank sends its records (at most its share of ``max_groups``) to rank 0, which
 alone writes, so one epoch is one file. Every file is written atomically (temp file, fsync, rename).
-The first ``table_groups`` groups also go to the Trainer's loggers as a table
-(:func:`r3l_lightning.logger_tables.log_tables`).
+The first ``table_groups`` groups also go to the Trainer's loggers as a table, under one tag per split
+(``rollouts/train``, ``rollouts/eval``) at the global step (:func:`r3l_lightning.logger_tables.log_tables`).
 """
 
 from __future__ import annotations
@@ -111,5 +111,5 @@ def save_rollouts(trainer: L.Trainer, config: RolloutLog, split: Split, epoch: i
     with atomic_write(path, "w") as f:
         for record in kept:
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-    log_tables(trainer.loggers, f"rollouts/{path.stem}", kept[: config.table_groups], trainer.global_step)
+    log_tables(trainer.loggers, f"rollouts/{split}", kept[: config.table_groups], trainer.global_step)
     return path

@@ -37,9 +37,13 @@ def test_fit_two_epochs_writes_metrics_checkpoint_hf_model_rollouts_and_curves(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[eval before training] success_rate=" in proc.stderr + proc.stdout
     assert "[eval after training] success_rate=" in proc.stderr + proc.stdout
-    # the run's report ends with the before → after gain and its standard error
-    report_lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("curves: ", "[eval gain]"))]
-    assert report_lines[-2].startswith("curves: ") and report_lines[-1].startswith("[eval gain] success_rate "), report_lines
+    # the run's report ends with the before → after gain and its standard error: printed once, as the last line of
+    # stdout, after the progress bar's last refresh
+    lines = proc.stdout.rstrip().splitlines()
+    assert lines[-2].startswith("curves: ") and lines[-1].startswith("[eval gain] success_rate "), lines[-3:]
+    assert (proc.stdout + proc.stderr).count("[eval gain]") == 1
+    assert "FLOPs" not in proc.stdout + proc.stderr and "Flops" not in proc.stdout + proc.stderr
+    assert re.search(r"^params: [\d.]+ M trainable, 0 frozen", proc.stdout, flags=re.M), proc.stdout[:500]
     run_dir = tmp_path / "runs" / "smoke"
     (metrics,) = list(run_dir.glob("csv/version_*/metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))
@@ -49,6 +53,13 @@ def test_fit_two_epochs_writes_metrics_checkpoint_hf_model_rollouts_and_curves(t
                 "eval/success_rate"):
         assert key in keys, f"{key} not logged"
     assert sum(1 for r in rows if r["train/loss"]) == 4  # 2 epochs x 2 tasks, 1 group per step
+    undocumented = sorted(k for k in keys - {"step"} if not any(p.fullmatch(k) for p in documented_metrics()))
+    assert not undocumented, f"add them to docs/metrics.md: {undocumented}"
+    explore_row = next(r for r in rows if r["explore/completions_base"])
+    # 2 tasks x 2 base rollouts (R³L: half of group size 4) of 16 tokens at most (the smoke config's budget)
+    assert float(explore_row["explore/completions_base"]) == 4.0
+    assert 0 < float(explore_row["explore/completion_len_mean_base"]) <= float(explore_row["explore/completion_len_max_base"]) <= 16
+    assert float(explore_row["explore/tokens_per_s_base"]) > 0
     for row in (r for r in rows if r["train/loss"]):
         # a step without signal (every advantage 0, no SFT token) has loss 0 and zero gradients; any other step has a
         # gradient, logged before clipping
@@ -85,6 +96,12 @@ def test_fit_two_epochs_writes_metrics_checkpoint_hf_model_rollouts_and_curves(t
     assert report.returncode == 0 and re.search(r"eval success: \d\.\d{3} before training → \d\.\d{3} after 2 epochs",
                                                 report.stdout), report.stdout
     assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
+
+
+def documented_metrics() -> list[re.Pattern]:
+    """The metric names of docs/metrics.md's table, ``<family>`` placeholders as patterns."""
+    names = re.findall(r"^\| `([^`]+)` \|", (ROOT / "docs" / "metrics.md").read_text(), flags=re.M)
+    return [re.compile(re.sub(r"<[a-z]+>", "[a-z_]+", re.escape(name))) for name in names]  # re.escape keeps <>
 
 
 def test_print_config_is_complete_and_rerunnable(tmp_path, capsys):

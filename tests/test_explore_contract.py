@@ -105,13 +105,16 @@ def test_reflect_grpo_writes_records_with_its_plain_samples_and_reflected_attemp
 
 
 def test_aggregation_table_averages_the_named_statistics_and_sums_the_rest(monkeypatch):
-    # two ranks with equal statistics: an averaged one stays, a summed one doubles
+    # two ranks with equal statistics: an averaged one (named, or a time_*) stays, a max stays, a summed one doubles
     stats = {"base_success_rate": 0.25, "valid_reflection_rate": 0.5, "mean_pivot": 1.5, "time_explore_s": 10.0,
-             "retries": 3.0, "tokens_base": 100.0, "samples_distill": 2.0}
+             "retries": 3.0, "tokens_base": 100.0, "samples_distill": 2.0, "time_generate_retry_s": 4.0,
+             "completion_len_max_base": 7.0, "completions_base": 8.0}
     monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj] * 2))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op: tensor)  # equal ranks: the max is the value
     trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device="cpu", reduce=lambda t, reduce_op: 2 * t))
     reduced = reduce_stats(trainer, stats, R3LExplorer.averaged_stats | AVERAGED_STATS)
     assert reduced == {"base_success_rate": 0.25, "valid_reflection_rate": 0.5, "mean_pivot": 1.5,
-                       "time_explore_s": 10.0, "retries": 6.0, "tokens_base": 200.0, "samples_distill": 4.0}
+                       "time_explore_s": 10.0, "retries": 6.0, "tokens_base": 200.0, "samples_distill": 4.0,
+                       "time_generate_retry_s": 4.0, "completion_len_max_base": 7.0, "completions_base": 16.0}
     # a GRPO explorer's table does not name R³L's rates: they would be summed
     assert reduce_stats(trainer, {"mean_pivot": 1.5}, GroupExplorer.averaged_stats) == {"mean_pivot": 3.0}

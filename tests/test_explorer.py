@@ -8,9 +8,9 @@ import re
 import pytest
 
 from r3l_lightning.callbacks.evaluation import evaluate_tasks
-from r3l_lightning.engines.base import SamplingParams
+from r3l_lightning.engines.base import Completion, SamplingParams
 from r3l_lightning.envs.base import Task
-from r3l_lightning.explore.episodes import RolloutContext
+from r3l_lightning.explore.episodes import RolloutContext, completion_stats
 from r3l_lightning.explore import CritiqueGRPOExplorer, DAPOExplorer, GroupExplorer, R3LExplorer
 from r3l_lightning.explore.dapo import overlong_penalty
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
@@ -350,3 +350,38 @@ def test_engine_calls_per_phase_follow_the_episode_structure(tiny_chat):
     evaluate_tasks(eval_ctx, tasks, SamplingParams(), repeats=2)  # 2 × a end at turn 1, 2 × b run 3 turns
     assert engine.calls[6:] == [4, 2, 2]
     assert eval_ctx.call_stats() == {"engine_calls": 3.0, "engine_calls_eval": 3.0}
+
+
+def test_generation_totals_count_lengths_and_clipped_completions_per_phase(tiny_chat):
+    tokenizer = tiny_chat.tokenizer
+
+    class ClippingEngine(ScriptedEngine):
+        """Answers "apple" (+ end of turn); a call with one prompt gets "kiwi kiwi kiwi", cut at the budget."""
+
+        def generate(self, prompts, params, constraints=None):
+            if len(prompts) > 1:
+                return super().generate(prompts, params, constraints)
+            ids = tokenizer("kiwi kiwi kiwi", add_special_tokens=False)["input_ids"]
+            return [[Completion(ids, [-1.0] * len(ids), "length")]]
+
+    engine = ClippingEngine(lambda prompt: "apple", tokenizer, tokenizer.eos_token_id)
+    ctx = RolloutContext(GuessEnv(max_turns=1), engine, tiny_chat)
+    evaluate_tasks(ctx, [Task("a", {"rewards": {"apple": 1.0}})], SamplingParams(), repeats=1)  # one prompt: clipped
+    evaluate_tasks(ctx, [Task("a", {"rewards": {"apple": 1.0}})] * 2, SamplingParams(), repeats=1)  # two: "apple"
+    apple = len(tokenizer("apple", add_special_tokens=False)["input_ids"]) + 1
+    kiwi = len(tokenizer("kiwi kiwi kiwi", add_special_tokens=False)["input_ids"])
+    totals = ctx.generation_totals()
+    seconds = totals.pop("time_generate_eval_s")
+    assert seconds > 0
+    assert totals == {"completions_eval": 3.0, "completion_tokens_eval": float(kiwi + 2 * apple),
+                      "completions_clipped_eval": 1.0, "completion_len_max_eval": float(max(kiwi, apple))}
+
+
+def test_completion_stats_by_hand():
+    totals = {"completions_base": 4.0, "completion_tokens_base": 10.0, "completions_clipped_base": 1.0,
+              "completion_len_max_base": 4.0, "time_generate_base_s": 2.0,
+              "completions_retry": 0.0, "completion_tokens_retry": 0.0, "completions_clipped_retry": 0.0,
+              "completion_len_max_retry": 0.0, "time_generate_retry_s": 0.0}
+    assert completion_stats(totals) == {"completion_len_mean_base": 2.5, "completion_len_max_base": 4.0,
+                                        "completion_clipped_frac_base": 0.25,
+                                        "tokens_per_s_base": 5.0, "samples_per_s_base": 2.0}  # no retries: no rates

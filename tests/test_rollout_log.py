@@ -16,7 +16,7 @@ from r3l_lightning.callbacks.exploration import epoch_summary
 from r3l_lightning.console import VLLM_LOGGING_CONFIG
 from r3l_lightning.explore import DAPOExplorer, RAFTExplorer, R3LExplorer
 from r3l_lightning.explore.episodes import RolloutContext
-from r3l_lightning.logger_tables import COLUMNS, markdown_table
+from r3l_lightning.logger_tables import CELL_CHARS, COLUMNS, describe_task, markdown_table, table_rows
 from r3l_lightning.rollout_log import RolloutLog, clip_strings, save_rollouts
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
 from test_explorer import HIGH, LOW, MID, REFLECTION, critique_run, script
@@ -127,22 +127,62 @@ def test_save_rollouts_writes_one_line_per_group_bounded_and_atomically(tmp_path
     assert save_rollouts(trainer, RolloutLog(every_n_epochs=0), "eval", 0, records) is None  # log off
 
 
-def test_sample_tables_reach_tensorboard_as_markdown(tmp_path, tiny_chat):
+def test_table_rows_carry_the_task_every_turn_and_the_report(tiny_chat):
+    records = explore(tiny_chat, R3LExplorer(group_size=4), script(json.dumps(REFLECTION)), tasks=1).records
+    row = dict(zip(COLUMNS, table_rows([dict(records[0], epoch=3)])[0]))
+    retry = row.pop("retry_response")
+    assert row == {
+        "epoch": 3, "task_id": "guess-0", "task": 'rewards={"apple": 1.0}', "attempt": 0,
+        "base_reward": 0.0, "base_turns": 3,
+        "base_response": "turn 1: pear\n→ 'pear' is wrong.\nturn 2: pear\n→ 'pear' is wrong.\nturn 3: pear",
+        "reflection": "failure",
+        "report": "trajectory_summary: guessed pear three times\n"
+                  "root_cause_analysis: why wrong? kept the same guess; why? ignored feedback\n"
+                  "improvement_suggestion: change the guess after negative feedback\nretry_from_step: 1",
+        "pivot": 1, "retry_reward": 1.0,
+        "samples": "base A=-0.87 (6 tok); distill A=+3.00 (2 tok); sft_reflect A=+1.00 (69 tok); sft_retry A=+1.00 (2 tok)",
+    }
+    # the retry: the base's first turn, the guidance (cut to the cell's length), then its own answer
+    lines = retry.splitlines()
+    assert lines[:3] == ["turn 1: pear", "→ 'pear' is wrong.", "guidance: Your previous attempt at this task had issues. "
+                         "A review of it found:"] and lines[-1] == "turn 2: apple"
+    assert "…" in retry and len(retry) < CELL_CHARS + 100
+
+
+def test_table_cells_of_an_invalid_reflection_and_a_task_without_payload():
+    base = {"messages": [{"role": "user", "content": "Sort 3 1 2"}, {"role": "assistant", "content": "1 2 3"}],
+            "observations": ["Sort 3 1 2"], "reward": 1.0, "turns": 1}
+    record = {"task_id": "t", "task": {}, "attempts": [{"base": base, "pivot": None, "retry": None, "samples": [],
+                                                      "reflection": {"text": "x" * 400, "report": None,
+                                                                     "invalid_reason": "no_json"}}]}
+    row = dict(zip(COLUMNS, table_rows([record])[0]))
+    assert (row["task"], row["base_response"], row["reflection"]) == ("Sort 3 1 2", "turn 1: 1 2 3", "invalid (no_json)")
+    assert row["report"] == "x" * CELL_CHARS + "…"  # the head of what the reflection wrote
+    assert describe_task({"numbers": [3, 4, 11], "target": 23}, base) == "numbers=[3, 4, 11] target=23"
+
+
+def test_sample_tables_reach_tensorboard_under_one_tag_per_split(tmp_path, tiny_chat):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     records = explore(tiny_chat, R3LExplorer(group_size=4), script(json.dumps(REFLECTION)), tasks=2).records
     logger = TensorBoardLogger(tmp_path, name="tb")
-    save_rollouts(fake_trainer(tmp_path, [logger]), RolloutLog(table_groups=1), "train", 0, records)
+    trainer = fake_trainer(tmp_path, [logger])
+    save_rollouts(trainer, RolloutLog(table_groups=1), "train", 0, records)
+    trainer.global_step = 9
+    save_rollouts(trainer, RolloutLog(table_groups=1), "train", 1, records)
+    save_rollouts(trainer, RolloutLog(table_groups=1), "eval", 1, records)
     logger.experiment.flush()
     events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
     events.Reload()
-    (event,) = events.Tensors("rollouts/epoch_0/text_summary")
-    table = event.tensor_proto.string_val[0].decode()
-    assert event.step == 7
+    assert sorted(events.Tags()["tensors"]) == ["rollouts/eval/text_summary", "rollouts/train/text_summary"]
+    train = events.Tensors("rollouts/train/text_summary")
+    assert [e.step for e in train] == [7, 9]  # one tag, one step of its slider per epoch
+    table = train[0].tensor_proto.string_val[0].decode()
     assert table.splitlines()[0] == "| " + " | ".join(COLUMNS) + " |"
     rows = table.splitlines()[2:]
     assert len(rows) == 2  # one group of two attempts
-    assert rows[0].startswith("| 0 | guess-0 | 0 | 0 | failure | 1 | 1 | base A=-0.87")
+    assert rows[0].startswith("| 0 | guess-0 | rewards={\"apple\": 1.0} | 0 | 0 | 3 | turn 1: pear ↵ → 'pear' is wrong. ↵ "
+                              "turn 2: pear ↵ → 'pear' is wrong. ↵ turn 3: pear | failure | trajectory_summary: ")
 
 
 def test_markdown_cells_escape_pipes_and_line_breaks():
@@ -159,11 +199,13 @@ def test_sample_tables_reach_wandb_offline(tmp_path, tiny_chat, monkeypatch):
     logger = WandbLogger(project="r3l-test", save_dir=str(tmp_path), offline=True)
     save_rollouts(fake_trainer(tmp_path, [logger]), RolloutLog(), "train", 0, records)
     logger.experiment.finish()
-    (table_file,) = tmp_path.glob("wandb/offline-run-*/files/media/table/rollouts/epoch_0_*.table.json")
+    (table_file,) = tmp_path.glob("wandb/offline-run-*/files/media/table/rollouts/train_*.table.json")
     table = json.loads(table_file.read_text())
     assert table["columns"] == COLUMNS
-    assert [row[1] for row in table["data"]] == ["guess-0", "guess-0"]
-    assert table["data"][0][4] == "failure" and table["data"][0][6] == 1.0  # reflection outcome, retry reward
+    rows = [dict(zip(COLUMNS, row)) for row in table["data"]]
+    assert [row["task_id"] for row in rows] == ["guess-0", "guess-0"]
+    assert (rows[0]["reflection"], rows[0]["retry_reward"]) == ("failure", 1.0)
+    assert rows[0]["report"].startswith("trajectory_summary: guessed pear three times\n")
 
 
 def test_epoch_summary_line():
@@ -195,10 +237,13 @@ def test_vllm_logging_config_shows_each_warning_once_and_every_error(monkeypatch
     logging.config.dictConfig(config)
     layer = logging.getLogger("r3l-test-vllm.model_executor.reload")
     for seconds in (1.5, 2.25, 3.0):  # one weight sync each
-        layer.warning("%s: Failed to load weights", "RotaryEmbedding")
+        layer.warning("%s: Failed to load weights", "VocabParallelEmbedding")  # a real failure: shown once
+        layer.warning("%s: Failed to load weights", "RotaryEmbedding")  # a derived cache: dropped
+        layer.warning("%s: Failed to load weights", "ParallelLMHead")  # tied to the embedding: dropped
         layer.info("Reloading and processing weights took %.2f seconds", seconds)
         layer.error("worker died: %s", seconds)
+    logging.getLogger("r3l-test-vllm.platforms").warning("Triton is not installed. triton-cpu is expected on x86 CPUs.")
     lines = stream.getvalue().splitlines()
     assert [line.split("] ", 1)[1] for line in lines] == [
-        "RotaryEmbedding: Failed to load weights", "worker died: 1.5", "worker died: 2.25", "worker died: 3.0"]
+        "VocabParallelEmbedding: Failed to load weights", "worker died: 1.5", "worker died: 2.25", "worker died: 3.0"]
     logging.getLogger("r3l-test-vllm").handlers.clear()

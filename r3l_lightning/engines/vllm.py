@@ -535,10 +535,18 @@ class VLLMEngine(RolloutEngine):
         return self.lora_sync == "adapter" and has_lora(self.policy)
 
     def _load_weights(self, named_tensors) -> None:
+        named_tensors = self._in_engine_dtype(named_tensors)
         if self._by_reference:
             self.llm.collective_rpc("r3l_reload_weights", args=(named_tensors,))
         else:
             self._sync_in_buckets(named_tensors)
+
+    def _in_engine_dtype(self, named_tensors):
+        """The floating-point tensors cast to the engine's dtype: fp32 master weights reach a bf16 engine as bf16
+        (half the bytes moved, and vLLM loads them without its dtype-mismatch warning)."""
+        dtype = getattr(torch, self._engine_dtype())
+        for name, tensor in named_tensors:
+            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     def _publish_adapter(self) -> None:
         """Write the policy's adapter to a new directory, register it under a new id, drop the previous one."""
@@ -560,13 +568,10 @@ class VLLMEngine(RolloutEngine):
     def _sync_in_buckets(self, named_tensors) -> None:
         from r3l_lightning.engines.vllm_worker import pack_bucket
 
-        dtype = getattr(torch, self._engine_dtype())
         self.llm.collective_rpc("r3l_begin_weight_update")
         try:
             bucket, size = [], 0
             for name, tensor in named_tensors:
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)  # halve the bytes moved for a bf16 engine
                 bucket.append((name, tensor))
                 size += tensor.numel() * tensor.element_size()
                 if size >= self.sync_bucket_bytes:

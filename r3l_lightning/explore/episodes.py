@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
@@ -29,16 +30,30 @@ class RolloutContext:
     progress: Callable[[int, str], None] | None = None
     # generate calls made through this context, per phase
     calls: Counter = field(default_factory=Counter)
+    # per phase: sampled sequences, their tokens, those cut at the token budget (finish "length"), the longest one,
+    # and the seconds spent inside generate
+    completions: Counter = field(default_factory=Counter)
+    completion_tokens: Counter = field(default_factory=Counter)
+    clipped: Counter = field(default_factory=Counter)
+    longest: Counter = field(default_factory=Counter)
+    generate_s: Counter = field(default_factory=Counter)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, phase: str,
                  constraints: list[Constraint | None] | None = None) -> list[list[Completion]]:
         """``engine.generate``, counted in ``calls``, then ``progress``. ``constraints`` reach the engine only when one of them is set,
         so engines written without constraints keep working wherever nothing is constrained."""
+        start = time.perf_counter()
         if constraints is not None and any(c is not None for c in constraints):
             outputs = self.engine.generate(prompts, params, constraints)
         else:
             outputs = self.engine.generate(prompts, params)
+        self.generate_s[phase] += time.perf_counter() - start
         self.calls[phase] += 1
+        for completion in (c for per_prompt in outputs for c in per_prompt):
+            self.completions[phase] += 1
+            self.completion_tokens[phase] += len(completion.token_ids)
+            self.clipped[phase] += completion.finish_reason == "length"
+            self.longest[phase] = max(self.longest[phase], len(completion.token_ids))
         if self.progress is not None:
             self.progress(len(prompts), phase)
         return outputs
@@ -47,6 +62,37 @@ class RolloutContext:
         """Engine calls made so far: ``engine_calls`` in all, ``engine_calls_<phase>`` per phase."""
         stats = {f"engine_calls_{phase}": float(n) for phase, n in sorted(self.calls.items())}
         return {"engine_calls": float(sum(self.calls.values())), **stats}
+
+    def generation_totals(self) -> dict[str, float]:
+        """Per phase: ``completions_<phase>``, ``completion_tokens_<phase>``, ``completions_clipped_<phase>`` (sums
+        over ranks), ``completion_len_max_<phase>`` (a max over ranks) and ``time_generate_<phase>_s`` (an average
+        over ranks, which generate side by side); :func:`completion_stats` turns them into means and rates."""
+        stats = {}
+        for phase in sorted(self.completions):
+            stats.update({f"completions_{phase}": float(self.completions[phase]),
+                          f"completion_tokens_{phase}": float(self.completion_tokens[phase]),
+                          f"completions_clipped_{phase}": float(self.clipped[phase]),
+                          f"completion_len_max_{phase}": float(self.longest[phase]),
+                          f"time_generate_{phase}_s": float(self.generate_s[phase])})
+        return stats
+
+
+def completion_stats(totals: dict[str, float]) -> dict[str, float]:
+    """From :meth:`RolloutContext.generation_totals` (of one rank, or reduced over ranks), per phase with
+    completions: the mean and max completion length in tokens, the fraction of completions cut at the token
+    budget, and generated tokens and sequences per second of generation (over all ranks when reduced)."""
+    rates = {}
+    for key, count in totals.items():
+        if not key.startswith("completions_") or key.startswith("completions_clipped_") or not count:
+            continue
+        phase = key.removeprefix("completions_")
+        tokens, seconds = totals[f"completion_tokens_{phase}"], totals[f"time_generate_{phase}_s"]
+        rates.update({f"completion_len_mean_{phase}": tokens / count,
+                      f"completion_len_max_{phase}": totals[f"completion_len_max_{phase}"],
+                      f"completion_clipped_frac_{phase}": totals[f"completions_clipped_{phase}"] / count})
+        if seconds > 0:
+            rates.update({f"tokens_per_s_{phase}": tokens / seconds, f"samples_per_s_{phase}": count / seconds})
+    return rates
 
 
 @dataclass
