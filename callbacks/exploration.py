@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Collection
+from functools import partial
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from r3l_lightning.callbacks.preemption import raise_if_preempted
 from r3l_lightning.console import PhaseProgress, say
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.explore.episodes import RolloutContext
@@ -21,10 +25,12 @@ AVERAGED_STATS = frozenset({"time_explore_s", "engine_starts", "engine_weight_sy
 
 
 def rollout_context(datamodule: L.LightningDataModule, pl_module: L.LightningModule, progress=None) -> RolloutContext:
-    """The environment (from the DataModule), the engine and chat format (from the module)."""
+    """The environment (from the DataModule), the engine and chat format (from the module); a preemption signal
+    stops the rollout at its next generate call or environment step."""
     if not isinstance(datamodule, ExperienceDataModule):
         raise TypeError("exploration and evaluation callbacks need an ExperienceDataModule as `data`")
-    return RolloutContext(datamodule.environment, pl_module.rollout_engine, pl_module.chat, progress)
+    return RolloutContext(datamodule.environment, pl_module.rollout_engine, pl_module.chat, progress,
+                          stop_point=partial(raise_if_preempted, pl_module._trainer))
 
 
 def reduce_max_fn(trainer: L.Trainer):
@@ -109,7 +115,9 @@ class ExplorationCallback(L.Callback):
     optimizer steps. Statistics are logged under ``explore/``, the engine's generate calls among them
     (``explore/engine_calls``, and ``explore/engine_calls_<phase>`` per phase: base, reflection, retry); the
     explored groups go to the rollout log (``data.rollout_log``); progress bars show the phases
-    (``show_progress``) and one summary line per epoch is printed when its training ends.
+    (``show_progress``) and one summary line per epoch is printed when its training ends. An exploration stopped
+    by preemption leaves the DataModule as it was before it (task cursor, explorer state), so the checkpoint
+    written then redoes it on resume.
     """
 
     def __init__(self, show_progress: bool = True) -> None:
@@ -120,12 +128,17 @@ class ExplorationCallback(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule: ExperienceDataModule = trainer.datamodule
         pl_module.rollout_engine.sync_weights()  # every rank reaches this point: safe for collectives
+        before = copy.deepcopy(datamodule.state_dict())
         tasks = datamodule.next_train_tasks(datamodule.tasks_per_epoch, trainer.global_rank, trainer.world_size)
         epoch = trainer.current_epoch
         start = time.perf_counter()
         with PhaseProgress(f"epoch {epoch}", self.show_progress and trainer.is_global_zero, trainer) as progress:
             ctx = rollout_context(datamodule, pl_module, progress)
-            result = datamodule.explorer.explore(tasks, ctx)
+            try:
+                result = datamodule.explorer.explore(tasks, ctx)
+            except SIGTERMException:
+                datamodule.load_state_dict(before)  # the checkpoint saved now redoes this exploration
+                raise
         pl_module.rollout_engine.sleep()  # every rank reaches this point: free the engine's memory for training
         datamodule.buffer.put(result.groups, result.sft)
         steps = datamodule.plan_epoch(trainer.world_size, reduce_max_fn(trainer))

@@ -29,11 +29,20 @@ class RolloutContext:
     progress: Callable[[int, str], None] | None = None
     # generate calls made through this context, per phase
     calls: Counter = field(default_factory=Counter)
+    # called before every generate call and environment step; raises to stop the rollout there (preemption)
+    stop_point: Callable[[], None] | None = None
+
+    def check_stop(self) -> None:
+        """Give ``stop_point`` the chance to stop the rollout here."""
+        if self.stop_point is not None:
+            self.stop_point()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, phase: str,
                  constraints: list[Constraint | None] | None = None) -> list[list[Completion]]:
         """``engine.generate``, counted in ``calls``, then ``progress``. ``constraints`` reach the engine only when one of them is set,
-        so engines written without constraints keep working wherever nothing is constrained."""
+        so engines written without constraints keep working wherever nothing is constrained. A stop requested
+        before the call (:meth:`check_stop`) raises instead."""
+        self.check_stop()
         if constraints is not None and any(c is not None for c in constraints):
             outputs = self.engine.generate(prompts, params, constraints)
         else:
@@ -166,6 +175,7 @@ def run_episodes(
             state.messages.append(message)
             state.trajectory.actions.append(message.content)
             state.turns += 1
+            ctx.check_stop()
             try:
                 result = call_with_timeout(lambda: state.episode.step(message.content), ctx.env.step_timeout_s)
             except Exception as err:  # noqa: BLE001 - an env crash costs one episode, not the run
