@@ -1,6 +1,7 @@
-"""Preemption: SIGTERM (or SIGUSR1) during exploration, evaluation or training stops a real ``r3l fit`` within
-seconds, with exit code 128 + signal and a checkpoint from which ``--ckpt_path last`` ends exactly like an
-uninterrupted run (the same final weights, bit for bit)."""
+"""Preemption: SIGTERM during exploration, evaluation or training stops a real ``r3l fit`` within the grace period,
+with exit code 143 and a checkpoint from which ``--ckpt_path last`` ends exactly like an uninterrupted run (the same
+final weights, bit for bit; the reward is learnable, so the weights do change); a configured SIGUSR1 does the
+same with code 138."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from safetensors.torch import load_file
+
+from r3l_lightning.callbacks.preemption import SigtermCheckpoint, preemption_requested, raise_if_preempted
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke" / "tiny.yaml"
 # two epochs of two steps, each step of several micro-batches; the engine signals itself at a chosen call
-ARGS = ["--model.engine", "scripted.SignallingEngine", "--data.max_tokens_per_micro_batch", "256",
+ARGS = ["--model.engine", "scripted.SignallingEngine", "--data.environment", "scripted.TokenDirectionEnv",
+        "--data.max_tokens_per_micro_batch", "128",
         "--data.explorer.init_args.group_size", "4", "--data.explorer.init_args.max_new_tokens", "12",
         "--data.explorer.init_args.reflection_max_new_tokens", "12", "--trainer.callbacks+=scripted.SignalBeforeBackward"]
 GRACE_S = 30  # SLURM's and Kubernetes' shortest usual grace period
@@ -79,15 +85,62 @@ def test_sigterm_during_exploration_stops_at_the_next_step_and_resume_redoes_it(
     assert_same_weights(final_weights(tmp_path, 1), uninterrupted)
 
 
-@pytest.mark.slow  # ~45 s each
-@pytest.mark.parametrize("signal_at, kind, step", [
-    ("eval:2", "TERM", 2),  # the evaluation after epoch 0 (eval call 1 is the one before training)
-    ("backward:4", "TERM", 1),  # epoch 0's second step, between its micro-batches
-    ("explore:1", "USR1", 0),  # the first exploration, before any step; SIGUSR1 configured
+@pytest.mark.slow  # ~45 s each on 2 idle cores
+@pytest.mark.parametrize("signal_at, step, untrained", [
+    ("eval:2", 0, 0),  # the evaluation before training (2 turns: its second generate call)
+    ("backward:2", 1, 1),  # the second step, between its micro-batches (the first has one): it stays untrained
 ])
-def test_a_signal_in_each_phase_stops_the_run_and_resume_ends_like_an_uninterrupted_run(
-        tmp_path, uninterrupted, signal_at, kind, step):
-    extra = ["--trainer.callbacks.signals=[SIGTERM, SIGUSR1]"] if kind == "USR1" else []
-    checkpoint = preempt_then_resume(tmp_path, signal_at, kind, *extra)
+def test_sigterm_in_evaluation_or_training_stops_the_run_and_resume_ends_like_an_uninterrupted_run(
+        tmp_path, uninterrupted, signal_at, step, untrained):
+    checkpoint = preempt_then_resume(tmp_path, signal_at)
     assert checkpoint["global_step"] == step
+    assert len(checkpoint["ExperienceDataModule"]["untrained_steps"]) == untrained
     assert_same_weights(final_weights(tmp_path, 1), uninterrupted)
+
+
+class _Trainer:
+    """What ``SigtermCheckpoint`` reads of a trainer."""
+
+    def __init__(self, environment, callbacks=()) -> None:
+        self._accelerator_connector = type("Connector", (), {"cluster_environment": environment})()
+        self.callbacks = list(callbacks)
+        self.received_sigterm = False
+        self.global_step = 7
+        self.saved: list[Path] = []
+
+    def save_checkpoint(self, path) -> None:
+        self.saved.append(Path(path))
+
+
+def test_a_configured_sigusr1_requests_the_stop_and_sets_exit_code_138(tmp_path):
+    callback = SigtermCheckpoint(dirpath=str(tmp_path), signals=["SIGTERM", "SIGUSR1"])
+    trainer = _Trainer(LightningEnvironment(), [callback])
+    callback.setup(trainer, None, "fit")
+    try:
+        raise_if_preempted(trainer)  # nothing received yet: no stop
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption_requested(trainer)
+        with pytest.raises(SIGTERMException) as raised:
+            raise_if_preempted(trainer)
+    finally:
+        callback.teardown(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the previous handler is back
+    callback.on_exception(trainer, None, raised.value)
+    assert trainer.saved == [tmp_path / "last.ckpt"]
+    assert raised.value.code == 138
+
+
+def test_under_slurm_auto_requeue_its_requeue_signal_is_left_to_lightning(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    callback = SigtermCheckpoint(dirpath=str(tmp_path), signals=["SIGTERM", "SIGUSR1"])
+    callback.setup(_Trainer(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)), None, "fit")
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # Lightning registers its requeue handler there
+        assert signal.getsignal(signal.SIGTERM) == callback._record_signal
+    finally:
+        callback.teardown(None, None, "fit")
+
+
+def test_an_unknown_signal_name_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"SigtermCheckpoint.signals: unknown signal name\(s\) \['SIGFOO'\]"):
+        SigtermCheckpoint(signals=["SIGTERM", "SIGFOO"])
