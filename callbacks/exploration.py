@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Collection
+from functools import partial
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from r3l_lightning.callbacks.preemption import raise_if_preempted
 from r3l_lightning.console import PhaseProgress, say
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.explore.episodes import RolloutContext, completion_stats
@@ -21,10 +25,12 @@ AVERAGED_STATS = frozenset({"engine_starts", "engine_weight_syncs", "engine_sync
 
 
 def rollout_context(datamodule: L.LightningDataModule, pl_module: L.LightningModule, progress=None) -> RolloutContext:
-    """The environment (from the DataModule), the engine and chat format (from the module)."""
+    """The environment (from the DataModule), the engine and chat format (from the module); a preemption signal
+    stops the rollout at its next generate call or environment step."""
     if not isinstance(datamodule, ExperienceDataModule):
         raise TypeError("exploration and evaluation callbacks need an ExperienceDataModule as `data`")
-    return RolloutContext(datamodule.environment, pl_module.rollout_engine, pl_module.chat, progress)
+    return RolloutContext(datamodule.environment, pl_module.rollout_engine, pl_module.chat, progress,
+                          stop_point=partial(raise_if_preempted, pl_module._trainer))
 
 
 def timed_sync(engine) -> dict[str, float]:
@@ -133,7 +139,9 @@ class ExplorationCallback(L.Callback):
     (``show_progress``; without a terminal, a line every ``log_every_s`` seconds) and one summary line per epoch
     is printed when its training ends. ``explore/time_explore_s`` is the rollouts alone; bringing the engine to the
     policy's weights before them is ``explore/time_engine_start_s`` when it started the engine, else
-    ``explore/time_weight_sync_s``.
+    ``explore/time_weight_sync_s``. An exploration stopped
+    by preemption leaves the DataModule as it was before it (task cursor, explorer state), so the checkpoint
+    written then redoes it on resume.
     """
 
     def __init__(self, show_progress: bool = True, log_every_s: float = 30.0) -> None:
@@ -145,13 +153,18 @@ class ExplorationCallback(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule: ExperienceDataModule = trainer.datamodule
         sync = timed_sync(pl_module.rollout_engine)  # every rank reaches this point: safe for collectives
+        before = copy.deepcopy(datamodule.state_dict())
         tasks = datamodule.next_train_tasks(datamodule.tasks_per_epoch, trainer.global_rank, trainer.world_size)
         epoch = trainer.current_epoch
         start = time.perf_counter()
         with PhaseProgress(f"epoch {epoch}", self.show_progress and trainer.is_global_zero, trainer,
                            self.log_every_s) as progress:
             ctx = rollout_context(datamodule, pl_module, progress)
-            result = datamodule.explorer.explore(tasks, ctx)
+            try:
+                result = datamodule.explorer.explore(tasks, ctx)
+            except SIGTERMException:
+                datamodule.load_state_dict(before)  # the checkpoint saved now redoes this exploration
+                raise
         explore_s = time.perf_counter() - start
         pl_module.rollout_engine.sleep()  # every rank reaches this point: free the engine's memory for training
         datamodule.buffer.put(result.groups, result.sft)

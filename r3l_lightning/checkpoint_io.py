@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import pickle
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,13 +28,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Save atomically; a full disk raises an ``OSError`` that names the file and says the previous one is
+        intact."""
         if "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
-        with atomic_write(path) as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_write(path) as f:
+                torch.save(checkpoint, f)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            directory = Path(path).parent
+            free_mib = shutil.disk_usage(directory).free / 2**20
+            raise OSError(err.errno, f"checkpoint {path} was not written: {os.strerror(err.errno)} ({free_mib:.0f} MiB "
+                                     f"free in {directory}); the previous checkpoint there is intact. Free space or "
+                                     "set ModelCheckpoint's dirpath to another disk, then resume with --ckpt_path "
+                                     "last") from err
+
+    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Load a checkpoint; a truncated or corrupt file raises a ``RuntimeError`` naming it (and the file a
+        ``last.ckpt`` link points to) and the other checkpoints beside it, newest first, to resume from instead."""
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            if "://" in str(path):
+                raise
+            target = Path(path)
+            named = f"{target} (a link to {target.resolve()})" if target.is_symlink() else str(target)
+            others = sorted((p for p in target.parent.glob("*.ckpt") if p.resolve() != target.resolve()),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+            advice = (f"resume from the previous checkpoint instead: --ckpt_path {others[0]}" if others
+                      else f"no other checkpoint is in {target.parent}; start the run anew")
+            raise RuntimeError(f"checkpoint {named} is truncated or corrupt ({err}); {advice}") from err
 
 
 _UMASK_LOCK = threading.Lock()

@@ -158,6 +158,7 @@ class ExperienceDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[list[MicroBatch]]:
         yield from self.datamodule.take_planned_steps()
+        self.datamodule.untrained_steps = []  # the epoch's steps are all trained
 
 
 class ExperienceDataModule(L.LightningDataModule):
@@ -207,6 +208,8 @@ class ExperienceDataModule(L.LightningDataModule):
         self.task_cursor = 0
         self._epoch = 0
         self._planned: list[list[MicroBatch]] | None = None
+        # the steps of the running epoch not trained yet (saved in a checkpoint written mid-epoch)
+        self.untrained_steps: list[list[MicroBatch]] = []
 
     # ----- tasks -------------------------------------------------------------------------------
     def _task_index(self, position: int) -> int:
@@ -259,17 +262,30 @@ class ExperienceDataModule(L.LightningDataModule):
         return self._planned
 
     def take_planned_steps(self) -> list[list[MicroBatch]]:
+        """This epoch's steps, handed to the training loop; they count as untrained until :meth:`step_trained`."""
         planned, self._planned = self.planned_steps(), None
+        self.untrained_steps = list(planned)
         return planned
+
+    def step_trained(self) -> None:
+        """The training loop is done with the first untrained step (applied, or skipped for a non-finite loss)."""
+        self.untrained_steps = self.untrained_steps[1:]
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ExperienceDataset(self), batch_size=None, collate_fn=_as_is)
 
     def state_dict(self) -> dict:
-        """Task-sampler position, shuffling epoch and explorer state (saved in every checkpoint)."""
-        return {"task_cursor": self.task_cursor, "epoch": self._epoch, "explorer": self.explorer.state_dict()}
+        """Task-sampler position, shuffling epoch and explorer state (saved in every checkpoint), and the running
+        epoch's untrained steps: a checkpoint written mid-epoch (preemption) resumes by training exactly those.
+        Multi-process runs save none (a checkpoint holds rank 0's state only): their resume skips the rest of that
+        epoch."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        return {"task_cursor": self.task_cursor, "epoch": self._epoch, "explorer": self.explorer.state_dict(),
+                "untrained_steps": self.untrained_steps if world_size == 1 else []}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.task_cursor = state_dict["task_cursor"]
         self._epoch = state_dict["epoch"]
         self.explorer.load_state_dict(state_dict.get("explorer", {}))
+        self.untrained_steps = list(state_dict.get("untrained_steps", []))
+        self._planned = list(self.untrained_steps) if self.untrained_steps else None

@@ -8,7 +8,9 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from r3l_lightning.callbacks.preemption import preemption_requested
 from r3l_lightning.engines.base import RolloutEngine
 from r3l_lightning.engines import default_engine
 from r3l_lightning.lora import LoRAConfig, adapters_disabled, add_lora, is_adapter_name
@@ -373,6 +375,7 @@ class R3LModule(L.LightningModule):
         mismatch = MismatchTotals(self.device)
         loss_total = torch.zeros((), device=self.device)
         for mb in batch:
+            self._stop_if_preempted(optimizer)
             loss, metrics = self.micro_batch_loss(mb, rl_denom, sft_denom, mismatch)
             self.manual_backward(loss)
             loss_total += loss.detach()
@@ -384,14 +387,32 @@ class R3LModule(L.LightningModule):
             self.skipped_steps += 1
             for logger in self.trainer.loggers:
                 logger.log_metrics({"train/skipped_nonfinite_steps": float(self.skipped_steps)}, step=self.global_step)
+            self._step_trained()
             return loss_total
         grad_norm = self._clip_gradients(optimizer, self.hparams.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        self._step_trained()
         self.rollout_engine.on_policy_update(self.global_step)
         self._log_step(batch, loss_total, totals, mismatch, grad_norm)
         return loss_total
+
+    def _stop_if_preempted(self, optimizer) -> None:
+        """Before a micro-batch: on a preemption signal (on any rank: every rank stops at the same micro-batch),
+        drop the step's gradients and stop; the step stays untrained in the DataModule, so the checkpoint written
+        now trains it on resume."""
+        flag = torch.tensor([float(preemption_requested(self.trainer))], device=self.device)
+        if self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        if flag.item() > 0:
+            optimizer.zero_grad(set_to_none=True)
+            raise SIGTERMException()
+
+    def _step_trained(self) -> None:
+        step_trained = getattr(self.trainer.datamodule, "step_trained", None)  # ExperienceDataModule's bookkeeping
+        if step_trained is not None:
+            step_trained()
 
     def _clip_gradients(self, optimizer, max_norm: float | None) -> torch.Tensor:
         """The global gradient norm before clipping (``train/grad_norm``), then clipping to ``max_norm`` (None: no

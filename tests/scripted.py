@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import time
 from typing import Callable
 
 import lightning as L
@@ -199,6 +200,46 @@ class SignallingExplorer(R3LExplorer):
         if os.environ.get("R3L_TEST_SIGNAL_ON_CALL") == str(self.calls + 1):
             os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("R3L_TEST_SIGNAL", "KILL")))
         return super().explore(tasks, ctx)
+
+
+def signal_at(point: str, count: int) -> None:
+    """Send this process ``$R3L_TEST_SIGNAL`` (KILL, TERM, USR1) when ``$R3L_TEST_SIGNAL_AT`` is ``point:count``
+    (the ``count``-th time ``point`` is reached), writing the time sent to ``$R3L_TEST_SIGNAL_STAMP``."""
+    if os.environ.get("R3L_TEST_SIGNAL_AT") != f"{point}:{count}":
+        return
+    if "R3L_TEST_SIGNAL_STAMP" in os.environ:
+        with open(os.environ["R3L_TEST_SIGNAL_STAMP"], "w") as f:
+            f.write(repr(time.time()))
+    os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("R3L_TEST_SIGNAL", "TERM")))
+
+
+class SignallingEngine(HFEngine):
+    """The HF engine, which signals itself (:func:`signal_at`) at its n-th generate call of a phase: ``eval`` for
+    calls at ``eval_temperature`` (the EvalCallback's), ``explore`` for the others. The signal arrives after the
+    call's generation, as a signal that arrives while a call runs."""
+
+    def __init__(self, max_batch_size: int = 64, eval_temperature: float = 0.4) -> None:
+        super().__init__(max_batch_size)
+        self.eval_temperature = eval_temperature
+        self.phase_calls: dict[str, int] = {"eval": 0, "explore": 0}
+
+    def generate(self, prompts, params, constraints=None):
+        out = super().generate(prompts, params, constraints)
+        phase = "eval" if params.temperature == self.eval_temperature else "explore"
+        self.phase_calls[phase] += 1
+        signal_at(phase, self.phase_calls[phase])
+        return out
+
+
+class SignalBeforeBackward(L.Callback):
+    """Signals the process (:func:`signal_at`, point ``backward``) before its n-th micro-batch backward."""
+
+    def __init__(self) -> None:
+        self.backwards = 0
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.backwards += 1
+        signal_at("backward", self.backwards)
 
 
 class NaNExplorer(GroupExplorer):

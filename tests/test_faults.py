@@ -1,15 +1,16 @@
-"""Faults cost an episode or a step, never the run: hung environments, overlong prompts, NaN losses."""
+"""Faults cost an episode or a step, never the run: hung environments, overlong prompts, a request the engine
+raises on, NaN losses; a dead engine stops the run with an error naming it."""
 
 from __future__ import annotations
 
 import json
-
 import time
 
+import pytest
 import torch
 
 from r3l_lightning.cli import cli_main
-from r3l_lightning.engines.base import SamplingParams
+from r3l_lightning.engines.base import EngineDeadError, SamplingParams
 from r3l_lightning.envs.base import StepResult, Task
 from r3l_lightning.explore.episodes import RolloutContext, RolloutCounters, run_episodes, start_episode
 from r3l_lightning.models import TINY_RANDOM, load_policy
@@ -125,3 +126,65 @@ def test_non_finite_loss_skips_the_step_and_the_run_goes_on(tmp_path, monkeypatc
     initial = load_policy(TINY_RANDOM).state_dict()
     trained = cli.model.policy.state_dict()
     assert all(torch.equal(trained[k], initial[k]) for k in initial)
+
+
+class FlakyEngine(ScriptedEngine):
+    """Raises on any call whose prompts include one naming ``poison``; ``dead`` raises on every call."""
+
+    def __init__(self, *args, dead: bool = False) -> None:
+        super().__init__(*args)
+        self.dead = dead
+
+    def generate(self, prompts, params, constraints=None):
+        if self.dead or any("poison" in self.tokenizer.decode(p) for p in prompts):
+            raise RuntimeError("request failed in the engine")
+        return super().generate(prompts, params, constraints)
+
+
+class NamedGuessEnv(GuessEnv):
+    def make_episode(self, task):
+        episode = super().make_episode(task)
+        episode.reset = lambda: f"Guess the secret word of {task.task_id}."
+        return episode
+
+
+def _run_tasks(engine, chat, task_ids):
+    counters = RolloutCounters()
+    ctx = RolloutContext(NamedGuessEnv(max_turns=1), engine, chat)
+    states = [start_episode(ctx, Task(t, {"rewards": {"apple": 1.0}}), counters) for t in task_ids]
+    run_episodes(ctx, states, SamplingParams(), counters)
+    return states, counters
+
+
+def test_a_request_the_engine_raises_on_costs_its_episode_only(tiny_chat):
+    engine = FlakyEngine(lambda p: "apple", tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
+    states, counters = _run_tasks(engine, tiny_chat, ["a", "poison", "b"])
+    assert [s.trajectory.reward for s in states] == [1.0, 0.0, 1.0]
+    assert "request failed in the engine" in states[1].trajectory.info["error"]
+    assert counters.counts["engine_errors"] == 1 and counters.counts["env_errors"] == 0
+    assert engine.calls == [1, 1]  # the batch of 3 raised; alone, "a" and "b" were answered, "poison" raised
+
+
+def test_an_engine_that_raises_on_every_request_stops_the_run_naming_it(tiny_chat):
+    engine = FlakyEngine(lambda p: "apple", tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id, dead=True)
+    with pytest.raises(EngineDeadError, match=r"rollout engine FlakyEngine raised on each of 2 requests.*"
+                                              r"--ckpt_path last"):
+        _run_tasks(engine, tiny_chat, ["a", "b"])
+
+
+def test_vllms_engine_dead_error_becomes_one_naming_the_vllm_engine(tiny_chat):
+    from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+    from r3l_lightning.engines.vllm import VLLMEngine
+
+    class DeadLLM:
+        def generate(self, *args, **kwargs):
+            raise VLLMEngineDeadError()
+
+    engine = VLLMEngine()
+    engine.bind(load_policy(TINY_RANDOM), tiny_chat.tokenizer, [tiny_chat.tokenizer.eos_token_id])
+    engine._engine = lambda: DeadLLM()
+    engine._wake_kv_cache = lambda: None
+    engine._weights_asleep = False
+    with pytest.raises(EngineDeadError, match="VLLMEngine: the vLLM engine core process died during generate"):
+        _run_tasks(engine, tiny_chat, ["a", "b"])

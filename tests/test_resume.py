@@ -1,5 +1,5 @@
 """Checkpoints: a run killed during epoch 3's rollouts and resumed from ``last`` ends exactly like an
-uninterrupted run; SIGTERM writes a checkpoint before exiting."""
+uninterrupted run (SIGTERM and SIGUSR1: tests/test_preemption.py)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def epoch3_metrics(rows_: list[dict], epoch3_start: int) -> dict[tuple[int, str]
     return out
 
 
-@pytest.mark.slow  # ~3 min; the default suite keeps exact resume through test_lora's resume test and the SIGTERM test
+@pytest.mark.slow  # ~3 min; the default suite keeps exact resume through test_lora's resume test and test_preemption
 def test_kill_during_epoch_3_rollouts_then_resume_equals_uninterrupted(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     straight.mkdir(), crashed.mkdir()
@@ -66,16 +66,3 @@ def test_kill_during_epoch_3_rollouts_then_resume_equals_uninterrupted(tmp_path)
     assert (epoch3_start + 1, "train/loss") in expected and (epoch3_start, "explore/tokens_base") in expected
     assert got == expected
 
-
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
-    proc = fit(tmp_path, signal_on_call=2, kind="TERM")
-    assert "SIGTERM: checkpoint saved" in proc.stderr + proc.stdout
-    last = tmp_path / "runs/smoke/checkpoints/last.ckpt"
-    assert not last.is_symlink()  # its own file, not written through the link to epoch 1's checkpoint
-    assert (tmp_path / "runs/smoke/checkpoints/epoch=0-step=2.ckpt").exists()
-    assert not list(tmp_path.glob("runs/smoke/csv/version_0/hf_model"))  # it stopped before the end
-    checkpoint = torch.load(last, weights_only=False)
-    assert checkpoint["global_step"] == 3  # epoch 1's two steps + the first step of epoch 2
-    assert checkpoint["ExperienceDataModule"]["task_cursor"] == 4  # two epochs of two tasks were drawn
-    resumed = fit(tmp_path, "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -11,6 +11,11 @@ import torch
 from r3l_lightning.engines.constraints import Constraint
 
 
+class EngineDeadError(RuntimeError):
+    """The rollout engine can serve no more requests (its process died): the run stops, naming the engine; the
+    last checkpoint is intact and ``--ckpt_path last`` resumes."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample. ``temperature == 0`` means greedy."""

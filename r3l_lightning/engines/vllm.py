@@ -60,7 +60,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+from r3l_lightning.engines.base import Completion, EngineDeadError, RolloutEngine, SamplingParams
 from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.engines.vllm_launch import agreed_max, executor_backend, launcher_env, trainer_group, worker_in_process
 from r3l_lightning.lora import adapter_state, has_lora, lora_rank, named_base_weights, named_inference_weights, save_adapter
@@ -650,7 +650,13 @@ class VLLMEngine(RolloutEngine):
         sampling = [self._sampling_params(params, seed, i, c) for i, c in enumerate(constraints or [None] * len(prompts))]
         if seed is not None and not self._per_request_seeds():
             llm.collective_rpc("r3l_seed", args=(seed,))
-        outputs = llm.generate(requests, sampling, use_tqdm=False, lora_request=self._lora_request)
+        try:
+            outputs = llm.generate(requests, sampling, use_tqdm=False, lora_request=self._lora_request)
+        except Exception as err:
+            if type(err).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions (its module moves across releases)
+                raise EngineDeadError(f"VLLMEngine: the vLLM engine core process died during generate ({err}); "
+                                      "resume from the last checkpoint with --ckpt_path last") from err
+            raise
         eos = set(self.eos_token_ids)
         greedy = params.temperature <= 0
         results: list[list[Completion]] = []

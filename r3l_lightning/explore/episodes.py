@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
-from r3l_lightning.engines.base import Completion, RolloutEngine, SamplingParams
+from r3l_lightning.engines.base import Completion, EngineDeadError, RolloutEngine, SamplingParams
 from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.envs.base import Environment, Episode, Task
 from r3l_lightning.trajectory import ChatTokenizer, Message, Trajectory
@@ -37,11 +37,20 @@ class RolloutContext:
     clipped: Counter = field(default_factory=Counter)
     longest: Counter = field(default_factory=Counter)
     generate_s: Counter = field(default_factory=Counter)
+    # called before every generate call and environment step; raises to stop the rollout there (preemption)
+    stop_point: Callable[[], None] | None = None
+
+    def check_stop(self) -> None:
+        """Give ``stop_point`` the chance to stop the rollout here."""
+        if self.stop_point is not None:
+            self.stop_point()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, phase: str,
                  constraints: list[Constraint | None] | None = None) -> list[list[Completion]]:
         """``engine.generate``, counted in ``calls``, then ``progress``. ``constraints`` reach the engine only when one of them is set,
-        so engines written without constraints keep working wherever nothing is constrained."""
+        so engines written without constraints keep working wherever nothing is constrained. A stop requested
+        before the call (:meth:`check_stop`) raises instead."""
+        self.check_stop()
         start = time.perf_counter()
         if constraints is not None and any(c is not None for c in constraints):
             outputs = self.engine.generate(prompts, params, constraints)
@@ -157,8 +166,8 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float | None) -> T:
     return outcome["value"]
 
 
-def _fail(state: EpisodeState, counters: RolloutCounters, reason: str) -> None:
-    counters.add("env_errors")
+def _fail(state: EpisodeState, counters: RolloutCounters, reason: str, counter: str = "env_errors") -> None:
+    counters.add(counter)
     log.warning("episode %s ended: %s", state.task.task_id, reason)
     state.done = True
     state.trajectory.reward = 0.0
@@ -202,8 +211,12 @@ def run_episodes(
         for state in stepping:
             _record_admissible(state)
         constraints = [ctx.env.response_constraint(state.task) for state in stepping]
-        outputs = ctx.generate(prompts, params, token_key.removeprefix("tokens_"), constraints)
-        for state, (completion,) in zip(stepping, outputs):
+        outputs = _generate_isolating_failures(ctx, stepping, prompts, params, token_key.removeprefix("tokens_"),
+                                               constraints, counters)
+        for state, output in zip(stepping, outputs):
+            if output is None:  # its request raised: the episode was ended
+                continue
+            (completion,) = output
             counters.add(token_key, len(completion.token_ids))
             if completion.finish_reason == "length":
                 counters.add("overlong_responses")
@@ -212,6 +225,7 @@ def run_episodes(
             state.messages.append(message)
             state.trajectory.actions.append(message.content)
             state.turns += 1
+            ctx.check_stop()
             try:
                 result = call_with_timeout(lambda: state.episode.step(message.content), ctx.env.step_timeout_s)
             except Exception as err:  # noqa: BLE001 - an env crash costs one episode, not the run
@@ -225,6 +239,38 @@ def run_episodes(
                 continue
             state.trajectory.observations.append(result.observation)
             state.messages.append(Message("user", result.observation))
+
+
+def _generate_isolating_failures(
+    ctx: RolloutContext, states: list[EpisodeState], prompts: list[list[int]], params: SamplingParams, phase: str,
+    constraints: list[Constraint | None], counters: RolloutCounters,
+) -> list[list[Completion] | None]:
+    """``ctx.generate`` of one turn's prompts. If the batched call raises, every prompt is sent alone, so that a
+    request that raises ends only its own episode (``None``, counted as ``engine_errors``). An engine that is dead
+    (:class:`EngineDeadError`), or that raises on each of several requests alone, stops the run naming it."""
+    try:
+        return ctx.generate(prompts, params, phase, constraints)
+    except EngineDeadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - find the request that raised
+        log.warning("%s.generate raised on a batch of %d prompts (%r); retrying them one by one",
+                    type(ctx.engine).__name__, len(prompts), err)
+    outputs: list[list[Completion] | None] = []
+    last_error: Exception | None = None
+    for state, prompt, constraint in zip(states, prompts, constraints):
+        try:
+            outputs.append(ctx.generate([prompt], params, phase, [constraint])[0])
+        except EngineDeadError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one request's failure costs its episode, not the run
+            last_error = err
+            _fail(state, counters, f"engine error on generate: {err!r}", "engine_errors")
+            outputs.append(None)
+    if len(prompts) > 1 and all(output is None for output in outputs):
+        raise EngineDeadError(f"rollout engine {type(ctx.engine).__name__} raised on each of {len(prompts)} requests "
+                              f"sent alone (last: {last_error!r}): it is not serving; resume from the last "
+                              "checkpoint with --ckpt_path last once it works") from last_error
+    return outputs
 
 
 def _record_admissible(state: EpisodeState) -> None:
