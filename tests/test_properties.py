@@ -83,8 +83,23 @@ def test_any_report_is_parsed_or_rejected_with_a_reason(report, num_turns, befor
         assert reflection.report == report
 
 
+# free text that is empty or has a non-blank character (blank text: see the xfail test below)
+free_text = st.text(max_size=45).filter(lambda t: t.strip() or not t)
+# reports with every field, of roughly the right types: a good share of them valid under some schema
+plausible_reports = st.fixed_dictionaries({
+    "trajectory_summary": free_text, "root_cause_analysis": st.none() | free_text,
+    "trajectory_outcome": st.sampled_from(OUTCOMES), "improvement_suggestion": st.none() | free_text,
+    "retry_from_step": st.none() | st.integers(-1, 5)})
+VALID_FAILURE = {"trajectory_summary": "s", "root_cause_analysis": "r", "trajectory_outcome": "failure",
+                 "improvement_suggestion": "multiply", "retry_from_step": 1}
+VALID_SUCCESS = {"trajectory_summary": "s", "root_cause_analysis": None, "trajectory_outcome": "success",
+                 "improvement_suggestion": None, "retry_from_step": None}
+
+
 @FAST
-@given(reports, st.integers(1, 5), st.sampled_from([0.0, 0.5, 1.0]), st.integers(1, 40))
+@given(plausible_reports, st.integers(1, 5), st.sampled_from([0.0, 0.5, 1.0]), st.integers(1, 40))
+@example(VALID_FAILURE, 2, 0.0, 40)
+@example(VALID_SUCCESS, 1, 1.0, 40)
 def test_a_report_the_schema_admits_is_one_the_parser_accepts(report, num_turns, reward, max_chars):
     # what a constrained decoder can write under report_schema is a valid report with the outcome the reward allows
     try:
@@ -94,6 +109,15 @@ def test_a_report_the_schema_admits_is_one_the_parser_accepts(report, num_turns,
     reflection = check_parse(json.dumps(report), num_turns)
     assert reflection is not None
     assert reflection.outcome == "failure" if reward < 1.0 else reflection.outcome != "failure"
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the schema's minLength admits a blank suggestion, the parser "
+                                       "rejects it (missing_suggestion); xgrammar ignores minLength/maxLength next "
+                                       "to a pattern, so the fix needs a length-bounded regex")
+def test_a_blank_suggestion_the_schema_admits_is_accepted():
+    report = {**VALID_FAILURE, "improvement_suggestion": " "}
+    jsonschema.validate(report, report_schema(2, 0.0))
+    assert parse_reflection(json.dumps(report), 2)[0] is not None
 
 
 @FAST
