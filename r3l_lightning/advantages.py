@@ -61,16 +61,18 @@ def group_advantages(
         return r.float()
     if mode == "r3l_reference":
         s = r - (r.mean() if r.numel() > 1 else 0.0)
+        # equivalent mutant (docs/mutation.md): s > 0 gives the same, as alpha * 0 = 0 = s
         return torch.where(r >= 1.0, torch.ones_like(r), torch.where(s >= 0, alpha * s, s)).float()
     if r.numel() == 1 and singleton == "zero_baseline" and mode in ("grpo", "mean_baseline"):
         return (r / (1.0 + eps) if mode == "grpo" else r).float()
-    if r.numel() < 2 or bool((r == r[0]).all()):
+    if r.numel() < 2 or bool((r == r[0]).all()):  # equivalent mutant: r[1] for r[0]
         return torch.zeros_like(r, dtype=torch.float32)
     centred = r - r.mean()
     if mode == "mean_baseline":
         return centred.float()
     adv = centred / (r.std(unbiased=True) + eps)
     if mode == "r3l":
+        # equivalent mutant (docs/mutation.md): adv >= 0 gives the same, as alpha * 0 = 0 = adv
         adv = torch.where(r == r.max(), torch.full_like(r, alpha), torch.where(adv > 0, alpha * adv, adv))
     return adv.float()
 

@@ -74,6 +74,18 @@ def test_eps_is_added_to_the_std():
     torch.testing.assert_close(got, torch.tensor([3.0, -0.499999000002, -0.499999000002, -0.499999000002]))
 
 
+def test_a_large_eps_is_added_to_the_std_not_subtracted():
+    # [0, 1], eps = .5: σ = sqrt(.5) = .70711, A = ±.5/1.20711 = ±.41421 (eps subtracted: ±2.4142)
+    check([0.0, 1.0], "grpo", [-0.4142135624, 0.4142135624], eps=0.5)
+    check([0.0, 1.0], "r3l", [-0.4142135624, 3.0], eps=0.5)
+
+
+@pytest.mark.parametrize("mode", ["r3l", "grpo"])
+def test_a_group_of_two_different_rewards_has_contrast(mode):
+    # [1, 0]: R̄ = .5, σ = sqrt(.5), A = ±.70711 (the smallest group with a signal)
+    check([1.0, 0.0], mode, [3.0 if mode == "r3l" else 0.7071067812, -0.7071067812])
+
+
 @pytest.mark.parametrize("mode", ["r3l", "grpo", "mean_baseline"])
 @pytest.mark.parametrize("singleton", ["no_signal", "zero_baseline"])
 def test_no_contrast_means_no_signal(mode, singleton):
@@ -95,6 +107,10 @@ def test_a_group_of_one_as_the_reference_code_grpo_and_opmd():
         torch.testing.assert_close(group_advantages(rewards, "grpo", singleton="zero_baseline"), torch.tensor(grpo))
         torch.testing.assert_close(group_advantages(rewards, "mean_baseline", singleton="zero_baseline"),
                                    torch.tensor(rewards))
+    # the eps of grpo's std of 1 is the caller's: (R − 0)/(1 + eps), eps = 1 → R/2; mean_baseline: R, never divided
+    for mode, expected in (("grpo", [1.0]), ("mean_baseline", [2.0])):
+        torch.testing.assert_close(group_advantages([2.0], mode, eps=1.0, singleton="zero_baseline"),
+                                   torch.tensor(expected))
     # the paper's r3l keeps "no contrast → 0" whatever the singleton rule
     torch.testing.assert_close(group_advantages([1.0], "r3l", singleton="zero_baseline"), torch.tensor([0.0]))
 

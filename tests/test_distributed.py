@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -23,10 +25,19 @@ FSDP1 = ["--trainer.strategy", "{class_path: scripted.CPUFSDPStrategy}"]  # deco
 TIMEOUT_S = 420  # a deadlock fails the test instead of hanging CI
 
 
+def fit_command(*args: str, launcher: Sequence[str] = (sys.executable, "-m")) -> list[str]:
+    """``r3l fit`` on the smoke config with ``args``; ``launcher`` runs the module (plain python, or torchrun)."""
+    return [*launcher, "r3l_lightning.cli", "fit", "--config", str(SMOKE), *args]
+
+
+def fit_env() -> dict[str, str]:
+    """The environment of a test run: this checkout's package and the test doubles importable."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+
+
 def fit(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-    proc = subprocess.run([sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(SMOKE), *args],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(fit_command(*args), cwd=tmp, env=fit_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -44,13 +55,26 @@ def test_ddp_with_uneven_ranks_finishes_with_identical_weights(tmp_path):
     assert sorted(len(json.loads(line)["attempts"]) for line in rollouts.read_text().splitlines()) == [2, 4]
 
 
+def _fixed_data_args(tmp: Path) -> list[str]:
+    """Model-independent data (``FixedExplorer``), one optimizer step per epoch (2 epochs), exported to ``tmp/hf``."""
+    return ["--data.explorer", "scripted.FixedExplorer", "--data.tasks_per_epoch", "2",
+            "--data.groups_per_step", "2", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.callbacks", "[{class_path: r3l_lightning.callbacks.ExplorationCallback},"
+            f" {{class_path: r3l_lightning.callbacks.HFExportCallback, init_args: {{dirpath: {tmp}/hf}}}}]"]
+
+
 def _fixed_data_run(tmp: Path, *extra: str) -> dict[str, torch.Tensor]:
-    fit(tmp, "--data.explorer", "scripted.FixedExplorer", "--data.tasks_per_epoch", "2",
-        "--data.groups_per_step", "2", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-        "--trainer.callbacks", "[{class_path: r3l_lightning.callbacks.ExplorationCallback},"
-        f" {{class_path: r3l_lightning.callbacks.HFExportCallback, init_args: {{dirpath: {tmp}/hf}}}}]",
-        *extra)
+    fit(tmp, *_fixed_data_args(tmp), *extra)
     return load_file(tmp / "hf" / "model.safetensors")
+
+
+def _assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """``got`` equals ``expected`` (to float reduction order), and ``expected`` trained away from the initial model."""
+    initial = load_policy(TINY_RANDOM).state_dict()
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert max((expected[k] - initial[k]).abs().max().item() for k in expected) > 1e-5  # it trained
 
 
 @pytest.mark.parametrize("strategy", [FSDP2, FSDP1], ids=["fsdp2", "fsdp1"])
@@ -59,11 +83,49 @@ def test_sharded_run_matches_a_single_process_run_on_the_same_data(tmp_path, str
     (tmp_path / "fsdp").mkdir()
     single = _fixed_data_run(tmp_path / "single")
     sharded = _fixed_data_run(tmp_path / "fsdp", "--trainer.devices", "2", *strategy)
-    initial = load_policy(TINY_RANDOM).state_dict()
-    assert set(single) == set(sharded)
-    for key in single:
-        torch.testing.assert_close(sharded[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert max((single[k] - initial[k]).abs().max().item() for k in single) > 1e-5  # it trained
+    _assert_same_weights(sharded, single)
+
+
+def torchrun(node_rank: int, port: int) -> list[str]:
+    """The cluster launch line of configs/gpu/*.yaml and docs/distributed.md for one node of 2 (one process each),
+    with 127.0.0.1 as the master: ``torchrun --nnodes 2 --nproc-per-node 1 --node-rank N ... -m <module>``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # three smoke-model runs, two of them torchrun nodes: 12 min on 2 busy cores (load 10)
+def test_two_nodes_launched_by_torchrun_on_loopback_match_a_single_process_run(tmp_path):
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    single = _fixed_data_run(single_dir)
+    port = _free_port()
+    env = dict(fit_env(), GLOO_SOCKET_IFNAME="lo")  # the "nodes" talk over loopback
+    nodes, logs, procs = [tmp_path / f"node{r}" for r in (0, 1)], [], []
+    for rank, node in enumerate(nodes):  # each node has its own directory, as if on its own machine
+        node.mkdir()
+        logs.append(open(node / "log.txt", "w"))  # a file, not a pipe: a full pipe would stall its node
+        procs.append(subprocess.Popen(
+            fit_command(*_fixed_data_args(node), "--trainer.num_nodes", "2", "--trainer.devices", "1",
+                        "--trainer.strategy", "ddp", launcher=torchrun(rank, port)),
+            cwd=node, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for p, log in zip(procs, logs):
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    for node, code in zip(nodes, codes):
+        assert code == 0, (node / "log.txt").read_text()[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (nodes[1] / "log.txt").read_text()  # Lightning saw 2 nodes
+    _assert_same_weights(load_file(nodes[0] / "hf" / "model.safetensors"), single)
+    assert not (nodes[1] / "hf").exists()  # only global rank 0 exports
 
 
 @pytest.mark.slow  # two processes' start-up: 1-2 min on a quiet machine, 7 min with the CPUs shared

@@ -136,7 +136,7 @@ def parse_reflection(text: str, num_turns: int,
         return None, "no_json"
     try:  # strict=False: a raw control character inside a string (constrained decoders allow it) is kept
         report = json.loads(text[start : end + 1], strict=False)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the decoder's limit
         return None, "invalid_json"
     if not isinstance(report, dict):
         return None, "invalid_json"
