@@ -15,7 +15,9 @@ from r3l_lightning.engines.constraints import Constraint
 from r3l_lightning.engines.hf import HFEngine
 from r3l_lightning.explore import R3LExplorer
 from r3l_lightning.explore.episodes import RolloutContext
-from r3l_lightning.explore.reflection import parse_reflection, report_schema
+from r3l_lightning.explore.reflection import parse_reflection, reflection_messages, report_schema
+from r3l_lightning.prompts import REFLECTION_REQUEST
+from r3l_lightning.trajectory import Message, Trajectory
 from scripted import GuessEnv, GuessTasks, ScriptedEngine
 
 
@@ -189,3 +191,20 @@ def test_a_guidance_template_can_name_report_fields_instead_of_the_whole_report(
     # a template that names the grounded field itself gets no extra line
     assert guidance_text(reflection, "Do {corrected_action} at step {retry_from_step}.", grounded=[ACTION]) == (
         "Do open door at step 1.")
+
+
+def test_the_reflection_prompt_numbers_the_steps_and_shows_feedback_reward_and_hint():
+    trajectory = Trajectory([Message("system", "play"), Message("user", "o0"), Message("assistant", "a0"),
+                             Message("user", "o1"), Message("assistant", "a1")], reward=0.5,
+                            observations=["o0"], feedback="Final: wrong", info={"reflection_hint": "the word is apple"})
+    system, user = reflection_messages(trajectory, "Guess a word.", system_prompt="Diagnose.")
+    assert (system.role, system.content, user.role) == ("system", "Diagnose.", "user")
+    # a step past the recorded observations shows an empty observation
+    assert user.content == (
+        "# Task instructions given to the agent\nGuess a word.\n\n"
+        "# The agent's trajectory (2 steps, numbered from 0)\n"
+        "## Step 0\nObservation:\no0\nResponse:\na0\n\n## Step 1\nObservation:\n\nResponse:\na1\n\n"
+        "# Environment feedback\nFinal: wrong\nFinal reward: 0.5\n\n"
+        "# Additional information\nthe word is apple\n\n" + REFLECTION_REQUEST)
+    without_hint = reflection_messages(Trajectory(trajectory.messages, reward=1.0), "Guess a word.")[1].content
+    assert "# Additional information" not in without_hint and "Final reward: 1\n" in without_hint
