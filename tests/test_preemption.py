@@ -34,7 +34,7 @@ def fit(cwd: Path, *extra: str, signal_at: str | None = None, kind: str = "TERM"
     """An ``r3l fit`` subprocess in ``cwd``; with ``signal_at`` (``phase:count``, see ``scripted.signal_at``) it
     signals itself there. Returns the process and the seconds from the signal to its exit (0 without one)."""
     stamp = cwd / "signal_sent"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))  # this checkout first
     if signal_at is not None:
         env.update(R3L_TEST_SIGNAL_AT=signal_at, R3L_TEST_SIGNAL=kind, R3L_TEST_SIGNAL_STAMP=str(stamp))
     proc = subprocess.run([sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(SMOKE), *ARGS, *extra],
