@@ -34,13 +34,19 @@ def fit(cwd: Path, *extra: str, signal_at: str | None = None, kind: str = "TERM"
     """An ``r3l fit`` subprocess in ``cwd``; with ``signal_at`` (``phase:count``, see ``scripted.signal_at``) it
     signals itself there. Returns the process and the seconds from the signal to its exit (0 without one)."""
     stamp = cwd / "signal_sent"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))  # this checkout first
     if signal_at is not None:
         env.update(R3L_TEST_SIGNAL_AT=signal_at, R3L_TEST_SIGNAL=kind, R3L_TEST_SIGNAL_STAMP=str(stamp))
     proc = subprocess.run([sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(SMOKE), *ARGS, *extra],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     ended = time.time()
     return proc, (ended - float(stamp.read_text())) if signal_at is not None else 0.0
+
+
+def seconds_to_checkpoint(run: Path) -> float:
+    """Seconds from the signal to ``last.ckpt`` on disk: what must fit the grace period (a SIGKILL after it loses
+    nothing). The process exit follows with the interpreter's teardown, slower on a loaded machine."""
+    return (run / "runs/smoke/checkpoints/last.ckpt").stat().st_mtime - float((run / "signal_sent").read_text())
 
 
 def final_weights(run: Path, version: int) -> dict[str, torch.Tensor]:
@@ -59,7 +65,8 @@ def preempt_then_resume(run: Path, signal_at: str, kind: str = "TERM", *extra: s
     """Signal a fit at ``signal_at``, check the stop (exit code, time, checkpoint), resume it; the checkpoint."""
     stopped, exit_s = fit(run, *extra, signal_at=signal_at, kind=kind)
     assert stopped.returncode == 128 + getattr(signal, "SIG" + kind), stopped.stderr[-3000:]
-    assert exit_s < GRACE_S, f"{exit_s:.1f} s from the signal to the exit"
+    assert seconds_to_checkpoint(run) < GRACE_S, f"checkpoint {seconds_to_checkpoint(run):.1f} s after the signal"
+    print(f"{signal_at}: checkpoint {seconds_to_checkpoint(run):.1f} s, exit {exit_s:.1f} s after the signal")
     assert f"SIG{kind}: checkpoint saved" in stopped.stderr + stopped.stdout
     assert not (run / "runs/smoke/csv/version_0/hf_model").exists()  # it stopped before the end
     last = run / "runs/smoke/checkpoints/last.ckpt"
