@@ -4,7 +4,6 @@ process by tests/test_gpu_path.py (vLLM's modules are imported)."""
 from __future__ import annotations
 
 import random
-import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_vllm import FakeGPUVLLMEngine  # noqa: E402
+from gloo_group import one_process_gloo_group  # noqa: E402
 from r3l_lightning.engines.base import SamplingParams  # noqa: E402
 from r3l_lightning.engines.vllm import RANK_SEED_STRIDE  # noqa: E402
 from r3l_lightning.lora import named_inference_weights  # noqa: E402
@@ -105,13 +105,8 @@ def test_every_request_is_seeded_and_unseeded_calls_follow_pythons_random(model)
 @pytest.fixture()
 def trainer_group():
     """A 1-process gloo group standing in for the trainer's (Lightning creates it before any engine)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    with one_process_gloo_group():
+        yield
 
 
 def test_closing_an_engine_runs_vllms_shutdown_but_keeps_the_trainers_process_group(model, trainer_group):

@@ -84,7 +84,7 @@ def test_eval_time_excludes_engine_start_up_and_weight_sync(monkeypatch, tiny_ch
 
     engine = StartingEngine(lambda prompt: "apple", tiny_chat.tokenizer, tiny_chat.tokenizer.eos_token_id)
     datamodule = ExperienceDataModule(GuessEnv(max_turns=1), GuessTasks(4), eval_tasks=GuessTasks(3))
-    module = SimpleNamespace(rollout_engine=engine, chat=tiny_chat, device=torch.device("cpu"))
+    module = SimpleNamespace(rollout_engine=engine, chat=tiny_chat, device=torch.device("cpu"), _trainer=None)
     callback = EvalCallback(show_progress=False)
     first = callback.run(datamodule, module)
     assert engine.calls == [3]  # the three tasks in one generate call: 5 s of rollouts

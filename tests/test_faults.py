@@ -92,7 +92,7 @@ def test_a_reflection_prompt_beyond_the_engine_context_is_counted_and_skipped(ti
 
     class ShortContext(ScriptedEngine):
         def max_context(self):
-            return 400
+            return 525  # the default reflection prompt is 291 tokens of it
 
     def script(prompt: str) -> str:
         if "Write the JSON diagnosis" in prompt:
@@ -110,7 +110,7 @@ def test_a_reflection_prompt_beyond_the_engine_context_is_counted_and_skipped(ti
     explorer = R3LExplorer(group_size=2, max_new_tokens=64, reflection_max_new_tokens=64, reflection_decoding="free")
     tasks = [Task("long", {"rewards": {"apple": 1.0}}), Task("short", {"rewards": {"apple": 1.0}})]
     result = explorer.explore(tasks, ctx)
-    # short task: 3 turns of "pear" fit 400 tokens with the 64-token reflection budget; long task: 3 × 20 words do not
+    # short task: 3 turns of "pear" fit 525 tokens with the 64-token reflection budget; long task: 3 × 20 words do not
     assert result.stats["reflection_context_overflows"] == 1
     assert result.stats["reflections"] == 1 and result.stats["retries"] == 1
 

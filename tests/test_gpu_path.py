@@ -104,7 +104,7 @@ def test_both_model_runners_have_every_attribute_the_worker_extension_uses():
 # ----- launch layouts: 2 gloo processes, a fake CUDA vLLM -------------------------------------------------
 def _launch_env(kind: str, rank: int, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
-    env.update(PYTHONPATH=str(TESTS), R3L_TEST_PORT=str(port))
+    env.update(PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]), R3L_TEST_PORT=str(port))  # this checkout first
     if kind == "torchrun":  # torchrun / torch.distributed.run: all of them
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE="2")
@@ -145,7 +145,7 @@ def test_fake_gpu_engine_checks_pass_in_a_separate_process():
 
 # ----- a fit with the fake GPU engine: call order, one sync per epoch, a rank without tasks ------------------
 def _fit(tmp: Path, *args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]))  # this checkout first
     proc = subprocess.run(
         [sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(ROOT / "configs" / "smoke" / "tiny.yaml"),
          "--model.engine", "fake_vllm.FakeGPUVLLMEngine", "--data.explorer", "fake_vllm.ZeroTaskRankExplorer",

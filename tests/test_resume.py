@@ -22,7 +22,7 @@ ARGS = ["--trainer.max_epochs", "3", "--data.explorer", "scripted.SignallingExpl
 
 
 def fit(cwd: Path, *extra: str, signal_on_call: int | None = None, kind: str = "KILL") -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))  # this checkout first
     if signal_on_call is not None:
         env.update(R3L_TEST_SIGNAL_ON_CALL=str(signal_on_call), R3L_TEST_SIGNAL=kind)
     return subprocess.run([sys.executable, "-m", "r3l_lightning.cli", "fit", "--config", str(SMOKE), *ARGS, *extra],

@@ -8,7 +8,6 @@ Run in their own process (tests/test_engine_vllm.py, see isolated.py).
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ pytest.importorskip("peft")
 
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
+from gloo_group import one_process_gloo_group  # noqa: E402
 from r3l_lightning.engines.base import SamplingParams  # noqa: E402
 from r3l_lightning.engines.hf import HFEngine  # noqa: E402
 from r3l_lightning.engines.vllm import VLLMEngine  # noqa: E402
@@ -45,12 +45,8 @@ def vllm_names(*, tied: bool, qkv_bias: bool = False) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def trainer_group():
     """The trainer's process group, created before any engine (as Lightning does)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with one_process_gloo_group():
+        yield
 
 
 def _engine(**kwargs) -> VLLMEngine:
