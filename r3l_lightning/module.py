@@ -37,6 +37,16 @@ from r3l_lightning.trajectory import ChatTokenizer
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def fused_adamw_applies(params: list[torch.Tensor]) -> bool:
+    """Whether AdamW's fused kernel takes these parameters: plain (not FSDP2-sharded) floating tensors on CPU or
+    CUDA. It updates all of them in one pass instead of a chain of foreach ops: 134M fp32 weights step in 0.19 s
+    instead of 0.58 s on 2 cores (benchmarks/README.md)."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                and not isinstance(p, DTensor) for p in params)
+
+
 class R3LModule(L.LightningModule):
     """Owns the HF causal-LM policy and trains it on exploration data.
 
@@ -217,7 +227,8 @@ class R3LModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
+                                      fused=fused_adamw_applies(params))
         warmup = max(hp.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -46,6 +46,22 @@ def test_tp2_in_one_process_hands_the_mp_workers_picklable_buckets_of_the_policy
         assert torch.equal(llm.loaded[name], tensor.to(torch.bfloat16)), name
 
 
+class _RecordingCPUEngine(FakeGPUVLLMEngine):
+    _on_gpu = staticmethod(lambda: False)
+
+
+def test_kv_blocks_are_32_tokens_on_cpu_unless_engine_kwargs_say_otherwise_and_vllms_choice_on_gpus(model):
+    sizes = []
+    for engine in (_RecordingCPUEngine(enable_sleep_mode=False),
+                   _RecordingCPUEngine(enable_sleep_mode=False, engine_kwargs={"block_size": 128}),
+                   FakeGPUVLLMEngine()):
+        engine.bind(*model)
+        engine.sync_weights()
+        sizes.append(engine.llm.kwargs.get("block_size"))
+        engine.close()
+    assert sizes == [32, 128, None]
+
+
 def test_single_gpu_engine_sits_on_the_trainers_gpu_not_gpu_0(model):
     engine = _engine(model, first_gpu=3)  # devices: [3]
     engine.sync_weights()

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import LlamaConfig, Qwen3Config
 
-from r3l_lightning.engines.vllm import kv_cache_bytes_per_token, kv_cache_gib_for
+from r3l_lightning.engines.vllm import CPU_KV_BLOCK_TOKENS, kv_cache_bytes_per_token, kv_cache_gib_for
 
 # SmolLM2-135M: 30 layers, 9 query heads, 3 KV heads, hidden 576 → head_dim 64
 SMOLLM2 = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
@@ -53,5 +53,12 @@ def test_gib_for_concurrent_sequences_in_whole_blocks_with_the_null_block(sequen
 
 
 def test_gib_is_rounded_up_so_the_engine_gets_every_block():
-    gib = kv_cache_gib_for(SMOLLM2, "float32", 16, 400, 4096)
+    gib = kv_cache_gib_for(SMOLLM2, "float32", 16, 400, 4096, 128)
     assert int(gib * 2**30) // BLOCK >= 65  # VLLMEngine passes int(kv_cache_gib · 2^30); vLLM floors to blocks
+
+
+def test_the_default_block_is_the_engines_cpu_block_of_32_tokens():
+    # 16 × ceil(400 / 32) = 16 × 13 = 208 blocks (above the floor 4,096 / 32 = 128) + the null block:
+    # 209 × 32 × 46,080 B = 0.2870 GiB → 0.29
+    assert CPU_KV_BLOCK_TOKENS == 32
+    assert kv_cache_gib_for(SMOLLM2, "float32", 16, 400, 4096) == 0.29

@@ -224,3 +224,20 @@ def test_grad_norm_is_the_global_norm_before_clipping(module):
     torch.testing.assert_close(norm, torch.tensor(expected), rtol=1e-6, atol=0)
     assert params[0].grad.eq(2.0).all()
     module.policy.zero_grad(set_to_none=True)
+
+
+def test_adamw_is_fused_for_plain_weights_and_not_for_sharded_or_integer_ones(module):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gloo_group import one_process_gloo_group
+    from r3l_lightning.module import fused_adamw_applies
+
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"] is True  # the policy's plain CPU weights
+    assert fused_adamw_applies([torch.zeros(2), torch.zeros(3, dtype=torch.bfloat16)])
+    assert not fused_adamw_applies([])
+    assert not fused_adamw_applies([torch.zeros(2), torch.zeros(2, dtype=torch.long)])
+    with one_process_gloo_group():  # FSDP2's sharded weights: foreach AdamW
+        mesh = init_device_mesh("cpu", (1,))
+        assert not fused_adamw_applies([distribute_tensor(torch.zeros(4), mesh, [Shard(0)])])
