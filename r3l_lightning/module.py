@@ -228,7 +228,7 @@ class R3LModule(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas),
-                                      fused=fused_adamw_applies(params))
+                                      fused=fused_adamw_applies(params) and self._grad_scaler() is None)
         warmup = max(hp.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -435,11 +435,20 @@ class R3LModule(L.LightningModule):
             return self.policy.clip_grad_norm_(float("inf") if max_norm is None else max_norm)
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        if isinstance(norm, DTensor):  # FSDP2: the norm of this rank's shards, reduced to the global one
+        sharded = isinstance(norm, DTensor)
+        if sharded:  # FSDP2: the norm of this rank's shards, reduced to the global one
             norm = norm.full_tensor()
         if max_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            if sharded or self._grad_scaler() is not None:  # Lightning unscales fp16 gradients first
+                self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            else:  # with the norm above (Lightning refuses to clip for a fused optimizer)
+                torch.nn.utils.clip_grads_with_norm_([p for p in self.policy.parameters() if p.grad is not None],
+                                                     max_norm, norm)
         return norm
+
+    def _grad_scaler(self):
+        """The precision plugin's fp16 gradient scaler (``16-mixed``), else None."""
+        return getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None)
 
     def _any_rank_nonfinite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
