@@ -110,7 +110,7 @@ def test_print_config_is_complete_and_rerunnable(tmp_path, capsys):
     printed = capsys.readouterr().out
     config = yaml.safe_load(printed)
     assert config["model"]["model_name_or_path"] == "tiny-random-smollm2"
-    assert config["model"]["lr"] == 1e-4 and config["model"]["sft_coef"] == 1.0
+    assert config["model"]["lr"] == 1e-4 and config["model"]["loss"]["sft_coef"] == 1.0
     explorer = config["data"]["explorer"]
     assert explorer["init_args"]["alpha"] == 3.0  # defaults are filled in
     saved = tmp_path / "printed.yaml"
