@@ -66,7 +66,8 @@ class LossConfig:
             ``None``: off, refinements train like any other sample.
         opmd_tau: OPMD's τ ≥ 0: the policy-gradient term is divided by 1 + τ (the KL term is not).
         logit_temperature: T > 0: the trainer's logprobs (policy, old policy, reference) are those of
-            logits / T (the reference code's verl: the rollout temperature); 1.0: the model's own distribution.
+            logits / T (the reference code's verl divides by the rollout temperature: set it to the explorer's
+            ``temperature``); 1.0: the model's own distribution.
     """
 
     aggregation: Aggregation = "seq-mean-token-mean"
