@@ -12,6 +12,7 @@ import importlib
 import os
 import re
 from argparse import Action
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +22,7 @@ import lightning as L
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
@@ -31,6 +32,7 @@ from r3l_lightning.callbacks.run_report import RunReportCallback
 from r3l_lightning.checkpoint_io import AtomicCheckpointIO
 from r3l_lightning.console import plain_model_summary, quiet_third_party
 from r3l_lightning.data import ExperienceDataModule
+from r3l_lightning.losses import LossConfig
 from r3l_lightning.module import R3LModule
 from r3l_lightning.precision import AUTO, resolve_auto, resolve_precision
 
@@ -95,6 +97,27 @@ class PlainHelpFormatter(DefaultHelpFormatter):
         super().start_section(plain_text(heading) if heading else heading)
 
 
+_LOSS_FIELDS = {f.name for f in fields(LossConfig)}
+_FLAT_LOSS_KEY = re.compile(r"Group 'model' does not accept option '(\w+)'|\bmodel\.(\w+)")
+
+
+def moved_loss_keys(message: str) -> str:
+    """A parser error ``message``, with where the loss settings it names as ``model.<name>`` are now:
+    ``model.loss.<name>`` (issue 24: the loss settings are one block, :class:`~r3l_lightning.losses.LossConfig`)."""
+    moved = sorted({name for match in _FLAT_LOSS_KEY.finditer(message) for name in match.groups()
+                    if name in _LOSS_FIELDS})
+    if not moved:
+        return message
+    return message + "".join(f"\n  model.{name} moved to model.loss.{name}" for name in moved)
+
+
+class R3LArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors also say where a moved key went (:func:`moved_loss_keys`)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        super().error(moved_loss_keys(message), ex)
+
+
 class R3LTrainer(L.Trainer):
     """A Lightning ``Trainer`` with :meth:`evaluate` (rollout benchmark without training) and ``precision: auto``
     (:func:`~r3l_lightning.precision.auto_precision`: ``bf16-mixed`` where the device has native bf16, else
@@ -136,8 +159,12 @@ class R3LCLI(LightningCLI):
     Checkpoints are written by :class:`AtomicCheckpointIO` unless the config names another
     ``CheckpointIO`` plugin; every fit ends with :class:`RunReportCallback` (key figures, curves.png)
     unless the config lists its own, which is moved behind Lightning's progress bar: it prints after the bar's
-    last refresh, so its gain line is the console's last.
+    last refresh, so its gain line is the console's last. Its parser's errors say where a moved key went
+    (:class:`R3LArgumentParser`).
     """
+
+    def __init__(self, *args, parser_class: type[LightningArgumentParser] = R3LArgumentParser, **kwargs) -> None:
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
     def before_instantiate_classes(self) -> None:
         """Resolve ``trainer.precision: auto`` and ``model.model_dtype: auto`` (the task configs' default) and say

@@ -12,14 +12,95 @@ weights: |τ| and every "mean over trainable tokens" below is weighted by it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "token-mean-per-micro-batch"]
-AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean", "token-mean-per-micro-batch")
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 KLEstimator = Literal["k3", "k2"]
-KL_ESTIMATORS: tuple[str, ...] = ("k3", "k2")
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+RatioLevel = Literal["token", "sequence"]
+OldLogprobs = Literal["trainer", "rollout"]
+
+
+def _one_of(name: str, value: object, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"model.loss.{name}={value!r}: use one of {', '.join(options)}")
+
+
+def _at_least(name: str, value: float | None, bound: float, strict: bool = False) -> None:
+    """``value`` (``None``: not set, nothing to check) is ≥ ``bound`` (> when ``strict``)."""
+    if value is not None and not (value > bound if strict else value >= bound):
+        raise ValueError(f"model.loss.{name} must be {'>' if strict else '>='} {bound:g}, got {value:g}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``model.loss``: the loss L = L_RL + sft_coef · L_SFT (paper §4.3, Eq. 12) and the baselines' terms of L_RL.
+
+    The default is the paper's R³L: REINFORCE with the explorer's advantages, no ratio, no clip, no KL.
+    Every value and combination is checked once, here; :func:`policy_loss` reads the policy-term fields.
+
+    Attributes:
+        aggregation: how per-token losses make the step loss: ``seq-mean-token-mean`` (Eq. 12:
+            (1/|G|) Σ_τ (1/|τ|) Σ_t), ``token-mean`` (one mean over the step's tokens) or
+            ``token-mean-per-micro-batch`` (the reference code's verl; :func:`micro_batch_denominator`).
+        sft_coef: λ_sft ≥ 0, the weight of the SFT loss on the explorer's SFT samples (D_reflect ∪ D_retry).
+        clip_low: ε_low ≥ 0 of the clipped importance ratio, clip(r, 1 − ε_low, 1 + ε_high) (GRPO/PPO);
+            ``None``: no lower bound. Setting ``clip_low`` or ``clip_high`` turns the ratio on.
+        clip_high: ε_high ≥ 0 (DAPO's clip-higher sets it above ε_low); ``None``: no upper bound.
+        ratio_level: ``token`` (r_t per token) or ``sequence`` (GSPO: one length-normalised ratio per
+            sequence); needs a clip range.
+        old_logprobs: the ratio's old policy π_old; needs a clip range. ``trainer`` (verl's ``old_log_prob``): the
+            policy's own logprobs of the epoch's samples before its first update (the first step's are its own
+            training forward, detached; the later steps' are computed once after exploration: one extra forward
+            per micro-batch after the first step, none when an epoch is one step), so the ratio is exactly 1 on
+            the first update and only the epoch's own updates move it; the engine's sampling temperature and
+            decoding constraints (processed logprobs, renormalised over the allowed tokens: always ≥ the
+            policy's) never enter it. ``rollout``: the engine's logprobs as sampled (no extra forward pass;
+            biased under a decoding constraint or a temperature ≠ 1).
+        kl_coef: β ≥ 0 of the KL term β·KL(π_θ ‖ π_ref) to a frozen reference model, loaded only when β > 0.
+        kl_estimator: ``k3`` (e^δ − δ − 1, unbiased) or ``k2`` (½δ², the reference code's), δ = log π_ref − log π_θ.
+        shaping_gamma: γ > 0 of Critique-GRPO's policy shaping f(π) = π/(π + γ) on refinement samples;
+            ``None``: off, refinements train like any other sample.
+        opmd_tau: OPMD's τ ≥ 0: the policy-gradient term is divided by 1 + τ (the KL term is not).
+        logit_temperature: T > 0: the trainer's logprobs (policy, old policy, reference) are those of
+            logits / T (the reference code's verl divides by the rollout temperature: set it to the explorer's
+            ``temperature``); 1.0: the model's own distribution.
+    """
+
+    aggregation: Aggregation = "seq-mean-token-mean"
+    sft_coef: float = 1.0
+    clip_low: float | None = None
+    clip_high: float | None = None
+    ratio_level: RatioLevel = "token"
+    old_logprobs: OldLogprobs = "trainer"
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    shaping_gamma: float | None = None
+    opmd_tau: float = 0.0
+    logit_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _one_of("aggregation", self.aggregation, AGGREGATIONS)
+        _one_of("ratio_level", self.ratio_level, get_args(RatioLevel))
+        _one_of("old_logprobs", self.old_logprobs, get_args(OldLogprobs))
+        _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        for name in ("sft_coef", "clip_low", "clip_high", "kl_coef", "opmd_tau"):
+            _at_least(name, getattr(self, name), 0.0)
+        _at_least("shaping_gamma", self.shaping_gamma, 0.0, strict=True)
+        _at_least("logit_temperature", self.logit_temperature, 0.0, strict=True)
+        if not self.uses_ratio:
+            for name, default in (("ratio_level", "token"), ("old_logprobs", "trainer")):
+                if getattr(self, name) != default:
+                    raise ValueError(f"model.loss.{name}={getattr(self, name)} has no effect without a clip range: "
+                                     "set model.loss.clip_low and/or model.loss.clip_high")
+
+    @property
+    def uses_ratio(self) -> bool:
+        """Whether L_RL uses the clipped importance ratio (``clip_low`` and/or ``clip_high`` set)."""
+        return self.clip_low is not None or self.clip_high is not None
 
 
 @dataclass
@@ -288,20 +369,15 @@ def policy_loss(
     logprobs: torch.Tensor,
     loss_mask: torch.Tensor,
     advantages: torch.Tensor,
-    aggregation: Aggregation = "seq-mean-token-mean",
+    config: LossConfig = LossConfig(),
+    *,
     old_logprobs: torch.Tensor | None = None,
-    clip_low: float | None = None,
-    clip_high: float | None = None,
-    ratio_level: Literal["token", "sequence"] = "token",
     ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: KLEstimator = "k3",
     shaped: torch.Tensor | None = None,
-    shaping_gamma: float | None = None,
     token_weights: torch.Tensor | None = None,
-    opmd_tau: float = 0.0,
 ) -> LossTerms:
-    """Masked policy-gradient loss of a [B, L] batch.
+    """Masked policy-gradient loss of a [B, L] batch, with the terms ``config`` (a :class:`LossConfig`, checked
+    when it was made) turns on.
 
     ``advantages`` is one per sequence ([B], broadcast over its tokens) or one per token ([B, L], the
     layout of verl / Trinity-RFT / TRL); any other shape, and any per-token input whose shape differs
@@ -333,30 +409,24 @@ def policy_loss(
     and ``ratio_mean`` over the unshaped rows when the ratio is used, ``kl`` (mean of the estimator)
     whenever ``ref_logprobs`` is given.
     """
-    _check(aggregation)
     _check_batch(
         loss_mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, token_weights=token_weights
     )
-    if ratio_level not in ("token", "sequence"):
-        raise ValueError(f"unknown ratio_level {ratio_level!r}; options: token, sequence")
-    if shaping_gamma is not None and not shaping_gamma > 0:
-        raise ValueError(f"shaping_gamma must be > 0 (or None: no shaping), got {shaping_gamma}")
     if shaped is not None and shaped.shape != loss_mask.shape[:1]:
         raise ValueError(f"shaped must be one flag per sequence [B] = [{loss_mask.shape[0]}], got {list(shaped.shape)}")
-    if not opmd_tau >= 0:
-        raise ValueError(f"opmd_tau must be >= 0, got {opmd_tau}")
+    clip_low, clip_high, gamma = config.clip_low, config.clip_high, config.shaping_gamma
     mask = loss_mask.float()
     trainable = mask != 0
     adv = _per_token_advantages(advantages, loss_mask.shape)
-    shaping = shaping_gamma is not None and shaped is not None
+    shaping = gamma is not None and shaped is not None
     shaped_rows = shaped.bool()[:, None] if shaping else torch.zeros_like(trainable[:, :1])
     metrics: dict[str, torch.Tensor] = {}
-    if old_logprobs is not None and (clip_low is not None or clip_high is not None):
+    if old_logprobs is not None and config.uses_ratio:
         low = 1.0 - clip_low if clip_low is not None else -float("inf")
         high = 1.0 + clip_high if clip_high is not None else float("inf")
         ratio_mask = mask * ~shaped_rows  # shaped rows get ratio 1: an off-context ratio never makes a NaN
         log_ratio = torch.where(ratio_mask != 0, logprobs - old_logprobs, 0.0)
-        if ratio_level == "sequence":
+        if config.ratio_level == "sequence":
             seq = (log_ratio * ratio_mask).sum(dim=1) / ratio_mask.sum(dim=1).clamp(min=1e-8)
             ratio = torch.exp(seq)[:, None].expand_as(logprobs)
         else:
@@ -369,17 +439,18 @@ def policy_loss(
     if shaping:
         rows = shaped_rows & trainable
         prob = torch.exp(torch.where(rows, logprobs, 0.0))
-        per_token = torch.where(rows, -adv * prob / (prob + shaping_gamma), per_token)
+        per_token = torch.where(rows, -adv * prob / (prob + gamma), per_token)
     if token_weights is not None:
         per_token = per_token * token_weights.detach()
-    if opmd_tau:
-        per_token = per_token / (1.0 + opmd_tau)
+    if config.opmd_tau:
+        per_token = per_token / (1.0 + config.opmd_tau)
     if ref_logprobs is not None:
-        kl = kl_estimate(torch.where(trainable, logprobs, 0.0), torch.where(trainable, ref_logprobs, 0.0), kl_estimator)
+        kl = kl_estimate(torch.where(trainable, logprobs, 0.0), torch.where(trainable, ref_logprobs, 0.0),
+                         config.kl_estimator)
         metrics["kl"] = _masked_mean(kl, mask)
-        if kl_coef > 0:
-            per_token = per_token + kl_coef * kl
-    terms = _aggregate(per_token, mask, aggregation)
+        if config.kl_coef > 0:
+            per_token = per_token + config.kl_coef * kl
+    terms = _aggregate(per_token, mask, config.aggregation)
     terms.metrics = metrics
     return terms
 

@@ -15,6 +15,7 @@ from r3l_lightning.engines.base import RolloutEngine
 from r3l_lightning.engines import default_engine
 from r3l_lightning.lora import LoRAConfig, adapters_disabled, add_lora, is_adapter_name
 from r3l_lightning.losses import (
+    LossConfig,
     head_token_logprobs,
     loss_denominator,
     micro_batch_denominator,
@@ -50,12 +51,13 @@ def fused_adamw_applies(params: list[torch.Tensor]) -> bool:
 class R3LModule(L.LightningModule):
     """Owns the HF causal-LM policy and trains it on exploration data.
 
-    Loss (paper §4.3, Eq. 12): ``L = L_RL + sft_coef · L_SFT``. ``L_RL`` is masked REINFORCE with the
-    explorer's advantages (no importance ratio, no clipping, no KL, no reference model) unless a
-    baseline asks for them: ``clip_low``/``clip_high`` turn on the clipped importance ratio against
-    the old policy (``ratio_level`` token or sequence; ``old_logprobs``), ``kl_coef > 0`` loads a frozen
-    reference model for the KL term (``kl_estimator`` k3 or k2), ``shaping_gamma`` trains refinement
-    samples with Critique-GRPO's policy shaping, ``opmd_tau`` divides the policy term by 1 + τ (OPMD).
+    Loss (paper §4.3, Eq. 12): ``L = L_RL + sft_coef · L_SFT``, set by ``model.loss``
+    (:class:`~r3l_lightning.losses.LossConfig`). ``L_RL`` is masked REINFORCE with the explorer's advantages
+    (no importance ratio, no clipping, no KL, no reference model) unless a baseline asks for them:
+    ``loss.clip_low``/``loss.clip_high`` turn on the clipped importance ratio against the old policy
+    (``loss.ratio_level`` token or sequence; ``loss.old_logprobs``), ``loss.kl_coef > 0`` loads a frozen
+    reference model for the KL term (``loss.kl_estimator`` k3 or k2), ``loss.shaping_gamma`` trains refinement
+    samples with Critique-GRPO's policy shaping, ``loss.opmd_tau`` divides the policy term by 1 + τ (OPMD).
 
     Optimisation is manual: one dataloader item is one optimizer step made of micro-batches whose
     token counts differ, so the loss of each micro-batch is divided by the STEP's denominator
@@ -65,27 +67,9 @@ class R3LModule(L.LightningModule):
         model_name_or_path: HF hub id, local checkpoint directory, or an embedded model name.
         engine: the rollout engine; ``None`` picks :func:`~r3l_lightning.engines.default_engine`
             (vLLM on CUDA machines with vLLM installed, ``HFEngine`` on the policy itself otherwise).
-        aggregation: ``seq-mean-token-mean`` (paper Eq. 12), ``token-mean`` (one token-mean over the step) or
-            ``token-mean-per-micro-batch`` (the reference code's verl: each micro-batch's token-mean, weighted by
-            its share of the step's sequences; see :func:`~r3l_lightning.losses.micro_batch_denominator`).
-        sft_coef: λ_sft.
-        old_logprobs: the clipped ratio's old policy. ``trainer`` (verl's ``old_log_prob``): the policy's own
-            logprobs of the epoch's samples before its first update (the first step's are its own training forward,
-            detached; the later steps' are computed once after exploration: one extra forward per micro-batch
-            after the first step, none when an epoch is one step), so the ratio is exactly 1 on the first
-            update and only the epoch's own updates move it;
-            the engine's sampling temperature and decoding constraints (processed logprobs, renormalised
-            over the allowed tokens: always ≥ the policy's) never enter it. ``rollout``: the engine's
-            logprobs as sampled (no extra forward pass; biased under a decoding constraint or a
-            temperature ≠ 1). Unused without ``clip_low``/``clip_high``.
-        kl_coef, kl_estimator: weight and estimator (``k3`` or ``k2``, see :func:`~r3l_lightning.losses.kl_estimate`)
-            of the KL term to the frozen reference model, which is loaded only when ``kl_coef > 0``.
-        opmd_tau: OPMD's τ: the policy-gradient term is divided by 1 + τ (the KL term is not).
-        logit_temperature: the trainer's logprobs (policy, old policy, reference) are those of logits / T; the
-            reference code's verl divides by the rollout temperature (set it to the explorer's ``temperature``);
-            1.0 (default): the model's own distribution.
-        shaping_gamma: γ of Critique-GRPO's policy shaping f(π) = π/(π + γ) on refinement samples
-            (``None``: off, refinements train like any other sample); see :func:`~r3l_lightning.losses.policy_loss`.
+        loss: ``{aggregation, sft_coef, clip_low, clip_high, ratio_level, old_logprobs, kl_coef, kl_estimator,
+            shaping_gamma, opmd_tau, logit_temperature}``: the loss and its baselines' terms, each value and
+            combination checked when the :class:`~r3l_lightning.losses.LossConfig` is made (see it for each field).
         lr, weight_decay, betas, warmup_steps: AdamW with linear warmup, then constant (weight decay 0.01:
             AdamW's usual default and the reference code's; the paper does not state it).
         max_grad_norm: gradient-norm clipping (``None`` disables).
@@ -100,24 +84,14 @@ class R3LModule(L.LightningModule):
             logged every step under ``mismatch/<kind>/`` whatever the mode.
         lora: ``{r, alpha, dropout, target_modules}``: train LoRA adapters only (PEFT; see
             :mod:`r3l_lightning.lora`); the checkpoint then holds the adapters, and the KL reference
-            (``kl_coef > 0``) is the same model with its adapters off instead of a second copy.
+            (``loss.kl_coef > 0``) is the same model with its adapters off instead of a second copy.
     """
 
     def __init__(
         self,
         model_name_or_path: str = "smollm2-135m-instruct",
         engine: RolloutEngine | None = None,
-        aggregation: Literal["seq-mean-token-mean", "token-mean", "token-mean-per-micro-batch"] = "seq-mean-token-mean",
-        sft_coef: float = 1.0,
-        clip_low: float | None = None,
-        clip_high: float | None = None,
-        ratio_level: Literal["token", "sequence"] = "token",
-        old_logprobs: Literal["trainer", "rollout"] = "trainer",
-        kl_coef: float = 0.0,
-        kl_estimator: Literal["k3", "k2"] = "k3",
-        shaping_gamma: float | None = None,
-        opmd_tau: float = 0.0,
-        logit_temperature: float = 1.0,
+        loss: LossConfig = LossConfig(),
         lr: float = 1e-6,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -130,16 +104,15 @@ class R3LModule(L.LightningModule):
         lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
-        if not logit_temperature > 0:
-            raise ValueError(f"model.logit_temperature must be > 0, got {logit_temperature}")
-        if rollout_correction.mode == "tis" and old_logprobs == "rollout" and (clip_low is not None or clip_high is not None):
+        if rollout_correction.mode == "tis" and loss.old_logprobs == "rollout" and loss.uses_ratio:
             raise ValueError(
-                "model.rollout_correction.mode=tis with clip_low/clip_high and old_logprobs=rollout: the clipped ratio "
-                "is already taken against the rollout logprobs, so tis would weight by π_train/π_rollout twice; "
-                "use mode mis or none, or old_logprobs trainer"
+                "model.rollout_correction.mode=tis with model.loss.clip_low/clip_high and "
+                "model.loss.old_logprobs=rollout: the clipped ratio is already taken against the rollout logprobs, "
+                "so tis would weight by π_train/π_rollout twice; use mode mis or none, or model.loss.old_logprobs trainer"
             )
         self.save_hyperparameters(ignore=["engine"])
         # kept as given: under LightningCLI ``hparams`` holds these as plain dicts
+        self.loss_config = loss
         self.rollout_correction = rollout_correction
         self.lora_config = lora
         self.automatic_optimization = False
@@ -156,7 +129,7 @@ class R3LModule(L.LightningModule):
         self.policy.config.use_cache = False
         self.policy.train()
         self.reference = None
-        if kl_coef > 0 and lora is None:
+        if loss.kl_coef > 0 and lora is None:
             self.reference = load_policy(model_name_or_path, dtype).eval().requires_grad_(False)
         self.chat = ChatTokenizer(self.tokenizer, eos_token_ids(self.policy, self.tokenizer))
         self.skipped_steps = 0
@@ -238,7 +211,7 @@ class R3LModule(L.LightningModule):
 
         DDP/FSDP average gradients over ranks, so each rank divides by (global sum / world size).
         """
-        agg = self.hparams.aggregation
+        agg = self.loss_config.aggregation
         local = torch.zeros(2, device=self.device)
         for mb in batch:
             rl_mask, sft_mask = _split_masks(mb)
@@ -254,22 +227,21 @@ class R3LModule(L.LightningModule):
                          mismatch: MismatchTotals | None = None) -> tuple[torch.Tensor, dict]:
         """Loss contribution of one micro-batch to the step loss, and its metrics; adds the micro-batch's
         rollout-vs-trainer mismatch to ``mismatch`` when given."""
-        hp = self.hparams
+        config = self.loss_config
         logprobs, entropy = self._token_logprobs(self.policy, mb, with_entropy=True)
         rl_mask, sft_mask = _split_masks(mb)
         if mismatch is not None:
             mismatch.add(logprobs, mb["old_logprobs"], mb["loss_mask"], mb["kind"], mb["has_old_logprobs"])
-        ref_logprobs = self._reference_logprobs(mb) if hp.kl_coef > 0 else None
+        ref_logprobs = self._reference_logprobs(mb) if config.kl_coef > 0 else None
         rl_rows = rl_mask.sum(1) > 0  # zero-weight padding rows need no rollout logprobs
-        use_ratio = self._uses_ratio()
         old_logprobs = mb.get("policy_old_logprobs")
-        if use_ratio and old_logprobs is None and hp.old_logprobs == "trainer":
+        if config.uses_ratio and old_logprobs is None and config.old_logprobs == "trainer":
             old_logprobs = logprobs.detach()  # the epoch's first step: the old policy is the current one
-        elif use_ratio and old_logprobs is None:
+        elif config.uses_ratio and old_logprobs is None:
             if not bool(mb["has_old_logprobs"][rl_rows].all()):
                 raise ValueError(
-                    "clip_low/clip_high with old_logprobs=rollout need rollout logprobs but some RL samples have "
-                    "none: use an engine that returns logprobs, or model.old_logprobs trainer"
+                    "model.loss.clip_low/clip_high with model.loss.old_logprobs=rollout need rollout logprobs but some "
+                    "RL samples have none: use an engine that returns logprobs, or model.loss.old_logprobs trainer"
                 )
             old_logprobs = mb["old_logprobs"]
         base_rows = rollout_corrected(mb["kind"]) & rl_rows
@@ -285,22 +257,15 @@ class R3LModule(L.LightningModule):
             logprobs,
             rl_mask,
             mb["advantages"],
-            aggregation=hp.aggregation,
-            old_logprobs=old_logprobs if use_ratio else None,
-            clip_low=hp.clip_low,
-            clip_high=hp.clip_high,
-            ratio_level=hp.ratio_level,
+            config,
+            old_logprobs=old_logprobs if config.uses_ratio else None,
             ref_logprobs=ref_logprobs,
-            kl_coef=hp.kl_coef,
-            kl_estimator=hp.kl_estimator,
             shaped=mb["shaped"],
-            shaping_gamma=hp.shaping_gamma,
             token_weights=None if weighted is None else weighted[0],
-            opmd_tau=hp.opmd_tau,
         )
         sft = sft_loss(logprobs, sft_mask)
-        rl_denom = micro_batch_denominator(rl_mask, hp.aggregation, rl_denom)
-        loss = rl.numerator / rl_denom + hp.sft_coef * sft.numerator / sft_denom
+        rl_denom = micro_batch_denominator(rl_mask, config.aggregation, rl_denom)
+        loss = rl.numerator / rl_denom + config.sft_coef * sft.numerator / sft_denom
         trainable = rl_mask + sft_mask
         metrics = {
             "rl_loss": (rl.numerator / rl_denom).detach(),
@@ -316,9 +281,6 @@ class R3LModule(L.LightningModule):
                            correction_capped=(weighted[1] & tokens).sum())
         return loss, metrics
 
-    def _uses_ratio(self) -> bool:
-        return self.hparams.clip_low is not None or self.hparams.clip_high is not None
-
     @torch.no_grad()
     def on_train_epoch_start(self) -> None:
         """``old_logprobs: trainer``: the old policy's token logprobs (``policy_old_logprobs``) of every micro-batch
@@ -330,12 +292,12 @@ class R3LModule(L.LightningModule):
         Also resets the epoch's count of steps without signal (``no_signal_steps_in_epoch``).
         """
         self.no_signal_steps_in_epoch = 0
-        if self.hparams.old_logprobs != "trainer" or not self._uses_ratio():
+        if self.loss_config.old_logprobs != "trainer" or not self.loss_config.uses_ratio:
             return
         datamodule = self.trainer.datamodule
         if not hasattr(datamodule, "planned_steps"):
-            raise ValueError("model.old_logprobs=trainer reads the epoch's planned steps from the ExperienceDataModule; "
-                             "train with it, or set model.old_logprobs rollout")
+            raise ValueError("model.loss.old_logprobs=trainer reads the epoch's planned steps from the "
+                             "ExperienceDataModule; train with it, or set model.loss.old_logprobs rollout")
         for step in datamodule.planned_steps()[1:]:
             for mb in step:
                 inputs = self.trainer.strategy.batch_to_device(
@@ -361,7 +323,7 @@ class R3LModule(L.LightningModule):
         the other positions are 0; otherwise (FSDP) the full logits are computed and every position is exact.
         """
         chunk = self.hparams.logprob_chunk_size
-        temperature = self.hparams.logit_temperature
+        temperature = self.loss_config.logit_temperature
         projection = output_projection(model)
         if projection is None:
             logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
@@ -463,7 +425,7 @@ class R3LModule(L.LightningModule):
         sft_trainable = sum(_split_masks(mb)[1].sum() for mb in batch)
         # a step without signal: its loss is exactly 0 because every RL advantage is 0, no SFT token is trained and
         # no KL term pulls (every sample's weight is 0); it is counted as such, not shown as training
-        no_signal = not bool((advantages != 0).any()) and not bool(sft_trainable > 0) and self.hparams.kl_coef == 0
+        no_signal = not bool((advantages != 0).any()) and not bool(sft_trainable > 0) and self.loss_config.kl_coef == 0
         self.no_signal_steps_in_epoch += int(no_signal)
         assistant = sum(mb["assistant_tokens"][~mb["is_sft"]].sum() for mb in batch)
         rl_trainable = sum(_split_masks(mb)[0].sum() for mb in batch)

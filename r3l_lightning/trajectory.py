@@ -87,7 +87,7 @@ class TrainingSample:
     """One training sequence. ``loss_mask[t] = 1`` iff token t is a trained target.
 
     ``objective`` is what the loss trains it with: ``policy`` (the RL loss with ``advantage``), ``sft`` (the SFT
-    loss, weighted by the loss's ``sft_coef``) or ``shaped`` (the RL loss with policy shaping, Critique-GRPO's
+    loss, weighted by ``model.loss.sft_coef``) or ``shaped`` (the RL loss with policy shaping, Critique-GRPO's
     refinements); the explorer sets it, or leaves it to the kind's (:data:`SAMPLE_KINDS`). ``kind`` is a label for
     logs; the loss never reads it.
     """

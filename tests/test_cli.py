@@ -21,6 +21,7 @@ from r3l_lightning.cli import R3LCLI, R3LTrainer, cli_main, derive_run_dirs
 from r3l_lightning.data import ExperienceDataModule
 from r3l_lightning.explore import ExplorationResult, GroupExplorer
 from r3l_lightning.loggers import CSVLogger
+from r3l_lightning.losses import LossConfig
 from r3l_lightning.module import R3LModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_print_config_is_complete_and_rerunnable(tmp_path, capsys):
     printed = capsys.readouterr().out
     config = yaml.safe_load(printed)
     assert config["model"]["model_name_or_path"] == "tiny-random-smollm2"
-    assert config["model"]["lr"] == 1e-4 and config["model"]["sft_coef"] == 1.0
+    assert config["model"]["lr"] == 1e-4 and config["model"]["loss"]["sft_coef"] == 1.0
     explorer = config["data"]["explorer"]
     assert explorer["init_args"]["alpha"] == 3.0  # defaults are filled in
     saved = tmp_path / "printed.yaml"
@@ -125,6 +126,10 @@ def test_print_config_is_complete_and_rerunnable(tmp_path, capsys):
     [
         (["--model.lrr", "0.1"], "lrr"),  # unknown key
         (["--data.groups_per_step", "many"], "groups_per_step"),  # wrong type
+        (["--model.loss.aggregation", "sum"], "model.loss.aggregation"),  # not one of the options
+        # a loss setting by its name before the model.loss block: unknown, and the error says where it went
+        (["--model.clip_low", "0.2"], "unrecognized arguments: --model.clip_low 0.2\n  model.clip_low moved to "
+                                      "model.loss.clip_low"),
     ],
 )
 def test_config_errors_name_the_key(override, message, capsys):
@@ -132,6 +137,43 @@ def test_config_errors_name_the_key(override, message, capsys):
         cli_main(["fit", "--config", str(SMOKE), *override])
     assert exc.value.code != 0
     assert message in capsys.readouterr().err
+
+
+def test_a_flat_loss_key_in_a_config_file_says_where_it_moved(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  kl_coef: 0.01\n  lrr: 1\n")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(SMOKE), "--config", str(old)])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "does not accept option" in err and "model.kl_coef moved to model.loss.kl_coef" in err
+    assert "lrr moved" not in err  # only the loss settings moved
+
+
+def test_an_invalid_loss_combination_is_refused_when_the_model_is_made():
+    with pytest.raises(ValueError, match="model.loss.ratio_level=sequence has no effect without a clip range"):
+        R3LCLI(R3LModule, ExperienceDataModule, trainer_class=R3LTrainer, run=False,
+               args=["--config", str(SMOKE), "--model.loss.ratio_level", "sequence"])
+
+
+def test_model_loss_block_parses_into_a_loss_config_and_reloads_from_a_checkpoint(tmp_path, monkeypatch):
+    overlay = tmp_path / "loss.yaml"
+    overlay.write_text("model:\n  loss: {aggregation: token-mean, clip_low: 0.2, clip_high: 0.28, kl_coef: 0.01}\n")
+    expected = LossConfig(aggregation="token-mean", clip_low=0.2, clip_high=0.28, kl_coef=0.01)
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", str(SMOKE), "--config", str(overlay), "--trainer.max_epochs", "1",
+                    "--data.tasks_per_epoch", "1", "--data.explorer.init_args.group_size", "2",
+                    "--data.explorer.init_args.max_new_tokens", "4", "--trainer.logger", "false",
+                    "--trainer.callbacks", "[{class_path: r3l_lightning.callbacks.ExplorationCallback}, "
+                                           "{class_path: lightning.pytorch.callbacks.ModelCheckpoint}]"])
+    assert cli.model.loss_config == expected and cli.model.reference is not None  # kl_coef > 0: loaded
+    # under LightningCLI hparams hold the block as the config's plain dict; the checkpoint keeps that dict and
+    # the CLI's instantiator, which makes the LossConfig again
+    assert cli.model.hparams["loss"] == vars(expected)
+    (checkpoint,) = (tmp_path / "runs" / "smoke" / "checkpoints").glob("*.ckpt")
+    reloaded = R3LModule.load_from_checkpoint(checkpoint)
+    assert reloaded.loss_config == expected and isinstance(reloaded.loss_config, LossConfig)
+    assert reloaded.reference is not None
 
 
 def test_missing_model_names_the_field(tmp_path):

@@ -25,6 +25,7 @@ from r3l_lightning.explore.episodes import RolloutContext
 from r3l_lightning.explore.r3l import authors_workflow
 from r3l_lightning.explore.raft import RAFTExplorer
 from r3l_lightning.explore.reflect_grpo import ReflectGRPOExplorer
+from r3l_lightning.losses import LossConfig
 from r3l_lightning.models import TINY_RANDOM
 from r3l_lightning.module import R3LModule
 from r3l_lightning.prompts import REFLECTION_REQUEST
@@ -227,7 +228,7 @@ def test_token_mean_per_micro_batch_by_hand(monkeypatch, aggregation, expected):
     # with A = −0.5; τ = 1, and log π = −1 at every token, so the loss is the weight on −Σ log π.
     # verl (dp_actor.py 176–187, dynamic batch size): ½·(3·1.0/3)/2 + ½·(1·(−0.5)/1)/2 = ½·(1.0/2) + ½·(−0.5/2)
     # = 0.125; one token-mean over the step: (3·1.0 − 0.5)/4/2 = 0.3125.
-    module = R3LModule(TINY_RANDOM, aggregation=aggregation, opmd_tau=1.0)
+    module = R3LModule(TINY_RANDOM, loss=LossConfig(aggregation=aggregation, opmd_tau=1.0))
     monkeypatch.setattr(module, "_token_logprobs", lambda model, mb, with_entropy=False: (
         -torch.ones(mb["input_ids"].shape, requires_grad=True), torch.zeros(mb["input_ids"].shape)))
     long = TrainingSample([5, 6, 7, 8, 9], [0, 0, 1, 1, 1], 1.0, "base")
@@ -241,7 +242,7 @@ def test_token_mean_per_micro_batch_by_hand(monkeypatch, aggregation, expected):
 def test_logits_at_the_rollout_temperature():
     # verl's actor computes log softmax(logits / T) with T the rollout temperature (dp_actor.py 69–71, 137)
     torch.manual_seed(0)
-    module = R3LModule(TINY_RANDOM, logit_temperature=0.7)
+    module = R3LModule(TINY_RANDOM, loss=LossConfig(logit_temperature=0.7))
     ids = [5, 6, 7, 8, 9]
     mb = collate([TrainingSample(ids, [0, 1, 1, 1, 1], 1.0, "base")])
     logprobs, _ = module._token_logprobs(module.policy, mb)
@@ -251,5 +252,5 @@ def test_logits_at_the_rollout_temperature():
     torch.testing.assert_close(logprobs[0, 1:].detach(), expected, rtol=1e-5, atol=1e-5)
     at_one = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
     assert not torch.allclose(expected, at_one, atol=1e-3)  # T = 0.7 is not the model's own distribution
-    with pytest.raises(ValueError, match="model.logit_temperature must be > 0, got 0"):
-        R3LModule(TINY_RANDOM, logit_temperature=0)
+    with pytest.raises(ValueError, match="model.loss.logit_temperature must be > 0, got 0"):
+        R3LModule(TINY_RANDOM, loss=LossConfig(logit_temperature=0))

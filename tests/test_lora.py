@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from r3l_lightning.cli import cli_main  # noqa: E402
 from r3l_lightning.data import collate  # noqa: E402
 from r3l_lightning.lora import LoRAConfig, add_lora, adapter_state, is_adapter_name, named_inference_weights  # noqa: E402
+from r3l_lightning.losses import LossConfig  # noqa: E402
 from r3l_lightning.models import TINY_RANDOM, load_policy  # noqa: E402
 from r3l_lightning.module import R3LModule  # noqa: E402
 from r3l_lightning.trajectory import TrainingSample  # noqa: E402
@@ -69,7 +70,7 @@ def test_merged_weights_equal_peft_merge_and_the_adapter_reloads():
 
 
 def test_kl_reference_of_a_lora_policy_is_the_base_model_without_a_second_copy():
-    module = R3LModule(TINY_RANDOM, kl_coef=0.1, lora=LoRAConfig(r=4, alpha=8.0))
+    module = R3LModule(TINY_RANDOM, loss=LossConfig(kl_coef=0.1), lora=LoRAConfig(r=4, alpha=8.0))
     assert module.reference is None
     with torch.no_grad():
         for name, param in module.policy.named_parameters():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.testing import assert_close
 
 from r3l_lightning.losses import (
     AGGREGATIONS,
+    LossConfig,
     head_token_logprobs,
     kl_estimate,
     loss_denominator,
@@ -170,7 +172,7 @@ def test_reinforce_loss_by_hand_seq_mean_token_mean():
 
 def test_reinforce_loss_by_hand_token_mean():
     # (2 + 4 - .4 - 3 - 1) / 5 tokens = 1.6/5
-    terms = policy_loss(LOGP, MASK, ADV, aggregation="token-mean")
+    terms = policy_loss(LOGP, MASK, ADV, LossConfig(aggregation="token-mean"))
     assert_close(terms.numerator, scalar(1.6), **TIGHT)
     assert_close(terms.denominator, scalar(5.0), **TIGHT)
 
@@ -179,15 +181,15 @@ def test_per_token_advantages_by_hand():
     # Â per token (values on masked tokens must not matter): row 0 tokens 1, 2 get 2, 1; row 1 tokens 2..4
     # get -1, -2, 3. ℓ = -Â·logp: 2·1 = 2, 1·2 = 2 | -(-1)(-.4) = -.4, -(-2)(-3) = -6, -(3)(-1) = 3
     adv = torch.tensor([[99.0, 2.0, 1.0, 99.0, 99.0], [99.0, 99.0, -1.0, -2.0, 3.0]])
-    terms = policy_loss(LOGP, MASK, adv, aggregation="token-mean")
+    terms = policy_loss(LOGP, MASK, adv, LossConfig(aggregation="token-mean"))
     assert_close(terms.numerator, scalar(0.6), **TIGHT)  # 2 + 2 - .4 - 6 + 3
     assert_close(terms.denominator, scalar(5.0), **TIGHT)
     seq = policy_loss(LOGP, MASK, adv)  # row 0: (2 + 2)/2 = 2; row 1: (-.4 - 6 + 3)/3 = -1.1333333
     assert_close(seq.numerator, scalar(0.8666666667), **TIGHT)
     # one advantage per sequence is the same as that advantage on each of its tokens
-    per_sequence = policy_loss(LOGP, MASK, ADV, old_logprobs=LOGP - 0.1, clip_low=0.2, clip_high=0.2)
-    per_token = policy_loss(LOGP, MASK, ADV[:, None].expand(2, 5), old_logprobs=LOGP - 0.1, clip_low=0.2,
-                            clip_high=0.2)
+    clip = LossConfig(clip_low=0.2, clip_high=0.2)
+    per_sequence = policy_loss(LOGP, MASK, ADV, clip, old_logprobs=LOGP - 0.1)
+    per_token = policy_loss(LOGP, MASK, ADV[:, None].expand(2, 5), clip, old_logprobs=LOGP - 0.1)
     assert torch.equal(per_sequence.numerator, per_token.numerator)
 
 
@@ -203,11 +205,11 @@ def test_per_token_inputs_of_another_shape_are_rejected():
     with pytest.raises(ValueError, match=r"logprobs must have the shape of loss_mask \[2, 5\], got \[2, 4\]"):
         policy_loss(LOGP[:, :4], MASK, ADV)
     with pytest.raises(ValueError, match=r"old_logprobs must have the shape of loss_mask \[2, 5\], got \[5\]"):
-        policy_loss(LOGP, MASK, ADV, old_logprobs=LOGP[0], clip_low=0.2)
+        policy_loss(LOGP, MASK, ADV, LossConfig(clip_low=0.2), old_logprobs=LOGP[0])
     with pytest.raises(ValueError, match=r"ref_logprobs must have the shape of loss_mask \[2, 5\], got \[1, 5\]"):
-        policy_loss(LOGP, MASK, ADV, ref_logprobs=LOGP[:1], kl_coef=0.1)
+        policy_loss(LOGP, MASK, ADV, LossConfig(kl_coef=0.1), ref_logprobs=LOGP[:1])
     with pytest.raises(ValueError, match=r"shaped must be one flag per sequence \[B\] = \[2\], got \[2, 1\]"):
-        policy_loss(LOGP, MASK, ADV, shaped=torch.ones(2, 1, dtype=torch.bool), shaping_gamma=0.1)
+        policy_loss(LOGP, MASK, ADV, LossConfig(shaping_gamma=0.1), shaped=torch.ones(2, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"loss_mask must be \[B, L\]"):
         policy_loss(LOGP[0], MASK[0], ADV[:1])
     with pytest.raises(ValueError, match=r"logprobs must have the shape of loss_mask"):
@@ -222,7 +224,7 @@ def test_weighted_mask():
     # one sequence, weights [1, .5] on ℓ = [2, 4]: (2 + 2)/1.5 for both aggregations
     mask = torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.0]])
     for agg, denominator in (("seq-mean-token-mean", 1.0), ("token-mean", 1.5)):
-        terms = policy_loss(LOGP[:1], mask, ADV[:1], aggregation=agg)
+        terms = policy_loss(LOGP[:1], mask, ADV[:1], LossConfig(aggregation=agg))
         assert_close(terms.numerator / terms.denominator, scalar(2.6666666667), **TIGHT)
         assert_close(terms.denominator, scalar(denominator), **TIGHT)
 
@@ -238,7 +240,7 @@ def test_weighted_mask():
 )
 def test_gradient_by_hand_and_masked_tokens_get_none(aggregation, grad_row0, grad_row1):
     logp = LOGP.clone().requires_grad_(True)
-    terms = policy_loss(logp, MASK, ADV, aggregation=aggregation)
+    terms = policy_loss(logp, MASK, ADV, LossConfig(aggregation=aggregation))
     (terms.numerator / terms.denominator).backward()
     assert_close(logp.grad, torch.tensor([grad_row0, grad_row1]), **TIGHT)
     assert torch.all(logp.grad[MASK == 0] == 0)
@@ -260,12 +262,12 @@ def test_micro_batch_numerators_sum_to_the_whole_batch():
     mask = torch.cat([MASK, torch.zeros(1, 5)])
     adv = torch.cat([ADV, torch.tensor([5.0])])
     for agg, expected in (("seq-mean-token-mean", 0.7666666667), ("token-mean", 0.32)):
-        whole = policy_loss(logp, mask, adv, aggregation=agg)
+        whole = policy_loss(logp, mask, adv, LossConfig(aggregation=agg))
         assert_close(whole.numerator / whole.denominator, scalar(expected), **TIGHT)
         (whole_grad,) = torch.autograd.grad(whole.numerator / whole.denominator, logp)
         parts = [slice(0, 1), slice(1, 3)]
         denominator = sum(loss_denominator(mask[p], agg) for p in parts)
-        numerator = sum(policy_loss(logp[p], mask[p], adv[p], aggregation=agg).numerator for p in parts)
+        numerator = sum(policy_loss(logp[p], mask[p], adv[p], LossConfig(aggregation=agg)).numerator for p in parts)
         assert_close(numerator / denominator, scalar(expected), **TIGHT)
         (parts_grad,) = torch.autograd.grad(numerator / denominator, logp)
         assert_close(parts_grad, whole_grad, **TIGHT)
@@ -289,8 +291,8 @@ def test_clipped_token_ratio_by_hand_positive_advantage():
     # ratios [1.5, .5, 1.1], Â = 1, clip [.8, 1.28] (DAPO clip-higher):
     # min(r, clip(r)) = [1.28, .5, 1.1] → ℓ = [-1.28, -.5, -1.1] → mean -2.88/3 = -.96
     logp = RATIO_LOGP.clone().requires_grad_(True)
-    terms = policy_loss(logp, RATIO_MASK, torch.tensor([1.0]), old_logprobs=torch.zeros(1, 4),
-                        clip_low=0.2, clip_high=0.28)
+    terms = policy_loss(logp, RATIO_MASK, torch.tensor([1.0]), LossConfig(clip_low=0.2, clip_high=0.28),
+                        old_logprobs=torch.zeros(1, 4))
     assert_close(terms.numerator, scalar(-0.96), **TIGHT)
     assert_close(terms.metrics["clip_fraction"], scalar(2 / 3), **TIGHT)  # 1.5 and .5 are outside
     assert_close(terms.metrics["ratio_mean"], scalar(3.1 / 3), **TIGHT)
@@ -302,12 +304,14 @@ def test_clipped_token_ratio_by_hand_positive_advantage():
 
 def test_clipped_token_ratio_by_hand_negative_advantage():
     # Â = -1: min(-r, -clip(r)) = [-1.5, -.8, -1.1] → ℓ = [1.5, .8, 1.1] → 3.4/3
-    terms = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([-1.0]), old_logprobs=torch.zeros(1, 4),
-                        clip_low=0.2, clip_high=0.2, aggregation="token-mean")
+    terms = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([-1.0]),
+                        LossConfig(clip_low=0.2, clip_high=0.2, aggregation="token-mean"),
+                        old_logprobs=torch.zeros(1, 4))
     assert_close(terms.numerator, scalar(3.4), **TIGHT)
     assert_close(terms.denominator, scalar(3.0), **TIGHT)
     # only an upper bound: r = .5 is not clipped from below → ℓ = [-1.2, -.5, -1.1] for Â = 1
-    upper = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([1.0]), old_logprobs=torch.zeros(1, 4), clip_high=0.2)
+    upper = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([1.0]), LossConfig(clip_high=0.2),
+                        old_logprobs=torch.zeros(1, 4))
     assert_close(upper.numerator, scalar(-2.8 / 3), **TIGHT)
 
 
@@ -320,11 +324,11 @@ def test_old_logprobs_without_a_clip_range_are_ignored():
 def test_sequence_ratio_gspo_by_hand():
     mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
     old = torch.zeros(1, 4)
-    gspo = {"old_logprobs": old, "clip_low": 3e-4, "clip_high": 4e-4, "ratio_level": "sequence"}
+    gspo = LossConfig(clip_low=3e-4, clip_high=4e-4, ratio_level="sequence")
     # s = exp(mean(.1, .3)) = exp(.2) = 1.22140275816017 (the masked 9.0 is ignored)
     logp = torch.tensor([[0.0, 0.1, 0.3, 9.0]], requires_grad=True)
     # Â = 1: clip(s) = 1.0004 < s → ℓ = -1.0004 on every token, no gradient
-    terms = policy_loss(logp, mask, torch.tensor([1.0]), **gspo)
+    terms = policy_loss(logp, mask, torch.tensor([1.0]), gspo, old_logprobs=old)
     assert_close(terms.numerator, scalar(-1.0004), **TIGHT)
     assert_close(terms.metrics["clip_fraction"], scalar(1.0), **TIGHT)
     assert_close(terms.metrics["ratio_mean"], scalar(1.2214027582), **TIGHT)
@@ -332,7 +336,7 @@ def test_sequence_ratio_gspo_by_hand():
     assert torch.equal(logp.grad, torch.zeros(1, 4))
     # Â = -1: min(-s, -1.0004) = -s → ℓ = s, gradient through s: ∂s/∂logp_t = s/|τ| = .61070137908
     logp.grad = None
-    terms = policy_loss(logp, mask, torch.tensor([-1.0]), **gspo)
+    terms = policy_loss(logp, mask, torch.tensor([-1.0]), gspo, old_logprobs=old)
     assert_close(terms.numerator, scalar(1.2214027582), **TIGHT)
     terms.numerator.backward()
     assert_close(logp.grad, torch.tensor([[0.0, 0.6107013791, 0.6107013791, 0.0]]), **TIGHT)
@@ -343,8 +347,8 @@ def test_sequence_ratio_is_per_sequence():
     # row 0 → -min(√2, 1.2) = -1.2; row 1 → -min(.5, .8) = -.5; seq-mean numerator = -1.7
     logp = torch.tensor([[0.0, math.log(2.0), 0.0], [0.0, 0.0, math.log(0.5)]])
     mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
-    terms = policy_loss(logp, mask, torch.tensor([1.0, 1.0]), old_logprobs=torch.zeros(2, 3), clip_low=0.2,
-                        clip_high=0.2, ratio_level="sequence")
+    terms = policy_loss(logp, mask, torch.tensor([1.0, 1.0]),
+                        LossConfig(clip_low=0.2, clip_high=0.2, ratio_level="sequence"), old_logprobs=torch.zeros(2, 3))
     assert_close(terms.numerator, scalar(-1.7), **TIGHT)
     # ratio_mean over the 3 trainable tokens: (2·√2 + .5)/3
     assert_close(terms.metrics["ratio_mean"], scalar(1.1094757082), **TIGHT)
@@ -355,14 +359,15 @@ def test_k3_kl_by_hand():
     ref = torch.tensor([[0.0, -1.5, -1.0]])
     mask = torch.tensor([[0.0, 1.0, 1.0]])
     # δ = ref - logp = [-.5, 1]; k3 = e^δ - δ - 1 = [.10653065971263, .71828182845905]
-    terms = policy_loss(logp, mask, torch.tensor([0.0]), aggregation="token-mean", ref_logprobs=ref, kl_coef=0.1)
+    terms = policy_loss(logp, mask, torch.tensor([0.0]), LossConfig(aggregation="token-mean", kl_coef=0.1),
+                        ref_logprobs=ref)
     assert_close(terms.numerator, scalar(0.0824812488), **TIGHT)  # .1·(.10653066 + .71828183)
     assert_close(terms.metrics["kl"], scalar(0.4124062441), **TIGHT)
     (terms.numerator / terms.denominator).backward()
     # ∂k3/∂logp = 1 - e^δ = [.39346934, -1.71828183]; ·.1/2
     assert_close(logp.grad, torch.tensor([[0.0, 0.0196734670, -0.0859140914]]), **TIGHT)
     # with Â = 1 and seq-mean: ℓ = -logp + .1·k3 = [1.01065307, 2.07182818] → mean 1.54124062
-    both = policy_loss(logp, mask, torch.tensor([1.0]), ref_logprobs=ref, kl_coef=0.1)
+    both = policy_loss(logp, mask, torch.tensor([1.0]), LossConfig(kl_coef=0.1), ref_logprobs=ref)
     assert_close(both.numerator, scalar(1.5412406244), **TIGHT)
     # kl_coef = 0: the KL is reported but not added
     monitor = policy_loss(logp, mask, torch.tensor([1.0]), ref_logprobs=ref)
@@ -377,8 +382,8 @@ def test_k2_kl_by_hand():
     # the reference code's K2Fn: (logprob - ref_logprob)² · .5 = [.5², (-1)²]·.5 = [.125, .5]
     assert_close(kl_estimate(logp, ref, "k2")[0, 1:], torch.tensor([0.125, 0.5]), **TIGHT)
     # R³L's reference setting: k2, coefficient .001, token-mean: .001·(.125 + .5)/2 = .0003125
-    terms = policy_loss(logp, mask, torch.tensor([0.0]), aggregation="token-mean", ref_logprobs=ref, kl_coef=0.001,
-                        kl_estimator="k2")
+    terms = policy_loss(logp, mask, torch.tensor([0.0]),
+                        LossConfig(aggregation="token-mean", kl_coef=0.001, kl_estimator="k2"), ref_logprobs=ref)
     assert_close(terms.numerator / terms.denominator, scalar(0.0003125), rtol=1e-6, atol=0.0)
     assert_close(terms.metrics["kl"], scalar(0.3125), **TIGHT)  # (.125 + .5)/2
     (terms.numerator / terms.denominator).backward()
@@ -393,13 +398,11 @@ def test_opmd_tau_halves_the_token_mean_policy_term_but_not_the_kl():
     # policy: (2 + 4 - .4 - 3 - 1)/5 = .32 → /2 = .16; k2 against ref = 0: ½·logp² on the 5 trainable
     # tokens = .5, 2, .08, 4.5, .5 → mean 7.58/5 = 1.516 → ·.001 = .001516; total .161516
     ref = torch.zeros_like(LOGP)
-    terms = policy_loss(LOGP, MASK, ADV, aggregation="token-mean", ref_logprobs=ref, kl_coef=0.001,
-                        kl_estimator="k2", opmd_tau=1.0)
+    terms = policy_loss(LOGP, MASK, ADV, LossConfig(aggregation="token-mean", kl_coef=0.001, kl_estimator="k2",
+                                                    opmd_tau=1.0), ref_logprobs=ref)
     assert_close(terms.numerator / terms.denominator, scalar(0.161516), rtol=1e-6, atol=0.0)
-    plain = policy_loss(LOGP, MASK, ADV, aggregation="token-mean", opmd_tau=1.0)
+    plain = policy_loss(LOGP, MASK, ADV, LossConfig(aggregation="token-mean", opmd_tau=1.0))
     assert_close(plain.numerator / plain.denominator, scalar(0.16), **TIGHT)
-    with pytest.raises(ValueError, match="opmd_tau must be >= 0"):
-        policy_loss(LOGP, MASK, ADV, opmd_tau=-1.0)
 
 
 # ----- policy loss: Critique-GRPO policy shaping --------------------------------------------------
@@ -424,7 +427,8 @@ BOTH = torch.tensor([True, True])
 )
 def test_policy_shaping_by_hand(aggregation, numerator, denominator, normaliser):
     logp = SHAPE_LOGP.clone().requires_grad_(True)
-    terms = policy_loss(logp, SHAPE_MASK, SHAPE_ADV, aggregation=aggregation, shaped=BOTH, shaping_gamma=0.1)
+    terms = policy_loss(logp, SHAPE_MASK, SHAPE_ADV, LossConfig(aggregation=aggregation, shaping_gamma=0.1),
+                        shaped=BOTH)
     assert_close(terms.numerator, scalar(numerator), **TIGHT)
     assert_close(terms.denominator, scalar(denominator), **TIGHT)
     assert terms.metrics == {}
@@ -451,20 +455,20 @@ def test_mixed_shaped_and_unshaped_rows_are_the_sum_of_both():
     # mean 1.15; row 0's rollout logprobs (-100) are ignored: it is shaped, -1.36507937 as above
     # → seq-mean numerator -.21507937
     old = torch.tensor([[0.0, -100.0, -100.0, -100.0], [0.0, math.log(0.6), math.log(0.8), 0.0]])
-    ratio = {"old_logprobs": old, "clip_low": 0.2, "clip_high": 0.2}
     for agg in AGGREGATIONS:
         logp = SHAPE_LOGP.clone().requires_grad_(True)
-        mixed = policy_loss(logp, SHAPE_MASK, SHAPE_ADV, aggregation=agg, shaped=shaped, shaping_gamma=0.1, **ratio)
+        config = LossConfig(aggregation=agg, clip_low=0.2, clip_high=0.2, shaping_gamma=0.1)
+        mixed = policy_loss(logp, SHAPE_MASK, SHAPE_ADV, config, old_logprobs=old, shaped=shaped)
         (mixed_grad,) = torch.autograd.grad(mixed.numerator, logp)
         assert torch.isfinite(mixed_grad).all()
-        alone = [policy_loss(logp[i : i + 1], SHAPE_MASK[i : i + 1], SHAPE_ADV[i : i + 1], aggregation=agg,
-                             shaped=shaped[i : i + 1], shaping_gamma=0.1,
-                             **{**ratio, "old_logprobs": old[i : i + 1]}) for i in range(2)]
+        alone = [policy_loss(logp[i : i + 1], SHAPE_MASK[i : i + 1], SHAPE_ADV[i : i + 1], config,
+                             old_logprobs=old[i : i + 1], shaped=shaped[i : i + 1]) for i in range(2)]
         assert_close(mixed.numerator, alone[0].numerator + alone[1].numerator, **TIGHT)
         assert_close(mixed.denominator, alone[0].denominator + alone[1].denominator, **TIGHT)
         (alone_grad,) = torch.autograd.grad(alone[0].numerator + alone[1].numerator, logp)
         assert_close(mixed_grad, alone_grad, **TIGHT)
-    mixed = policy_loss(SHAPE_LOGP, SHAPE_MASK, SHAPE_ADV, shaped=shaped, shaping_gamma=0.1, **ratio)
+    mixed = policy_loss(SHAPE_LOGP, SHAPE_MASK, SHAPE_ADV, LossConfig(clip_low=0.2, clip_high=0.2, shaping_gamma=0.1),
+                        old_logprobs=old, shaped=shaped)
     assert_close(mixed.numerator, scalar(-0.2150793651), **TIGHT)
     # ratio metrics cover the unshaped row only: both of its ratios are outside [.8, 1.2], mean (1.5 + .5)/2
     assert_close(mixed.metrics["clip_fraction"], scalar(1.0), **TIGHT)
@@ -472,36 +476,32 @@ def test_mixed_shaped_and_unshaped_rows_are_the_sum_of_both():
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("config", "tensors"),
     [
-        {},
-        {"aggregation": "token-mean"},
-        {"old_logprobs": torch.zeros(2, 4), "clip_low": 0.2, "clip_high": 0.28},
-        {"old_logprobs": torch.full((2, 4), -0.3), "clip_low": 3e-4, "clip_high": 4e-4, "ratio_level": "sequence"},
-        {"ref_logprobs": torch.full((2, 4), -1.0), "kl_coef": 0.01},
+        ({}, {}),
+        ({"aggregation": "token-mean"}, {}),
+        ({"clip_low": 0.2, "clip_high": 0.28}, {"old_logprobs": torch.zeros(2, 4)}),
+        ({"clip_low": 3e-4, "clip_high": 4e-4, "ratio_level": "sequence"}, {"old_logprobs": torch.full((2, 4), -0.3)}),
+        ({"kl_coef": 0.01}, {"ref_logprobs": torch.full((2, 4), -1.0)}),
     ],
     ids=["reinforce", "token-mean", "clipped-ratio", "gspo", "kl"],
 )
-def test_without_shaping_gamma_every_result_is_unchanged(options):
-    def run(**shaping):
+def test_without_shaping_gamma_every_result_is_unchanged(config, tensors):
+    def run(shaped=None, gamma=None):
         logp = SHAPE_LOGP.clone().requires_grad_(True)
-        terms = policy_loss(logp, SHAPE_MASK, SHAPE_ADV, **options, **shaping)
+        terms = policy_loss(logp, SHAPE_MASK, SHAPE_ADV, LossConfig(**config, shaping_gamma=gamma), shaped=shaped,
+                            **tensors)
         (grad,) = torch.autograd.grad(terms.numerator / terms.denominator, logp)
         return terms, grad
 
     plain, plain_grad = run()
     # flagged rows but γ = None, or γ set but no row flagged: the loss as before, bit for bit
-    for shaping in ({"shaped": BOTH, "shaping_gamma": None}, {"shaped": ~BOTH, "shaping_gamma": 0.1}):
-        terms, grad = run(**shaping)
+    for shaped, gamma in ((BOTH, None), (~BOTH, 0.1)):
+        terms, grad = run(shaped, gamma)
         assert torch.equal(terms.numerator, plain.numerator) and torch.equal(terms.denominator, plain.denominator)
         assert terms.metrics.keys() == plain.metrics.keys()
         assert all(torch.equal(terms.metrics[k], plain.metrics[k]) for k in plain.metrics)
         assert torch.equal(grad, plain_grad)
-
-
-def test_shaping_gamma_must_be_positive():
-    with pytest.raises(ValueError, match="shaping_gamma must be > 0"):
-        policy_loss(SHAPE_LOGP, SHAPE_MASK, SHAPE_ADV, shaped=BOTH, shaping_gamma=0.0)
 
 
 def test_sft_loss_is_mean_token_nll():
@@ -512,10 +512,40 @@ def test_sft_loss_is_mean_token_nll():
     assert_close(terms.numerator / terms.denominator, scalar(1.48), **TIGHT)
 
 
-def test_unknown_options_are_named():
-    with pytest.raises(ValueError, match="options: seq-mean-token-mean, token-mean"):
-        policy_loss(LOGP, MASK, ADV, aggregation="sum")
-    with pytest.raises(ValueError, match="options: token, sequence"):
-        policy_loss(LOGP, MASK, ADV, old_logprobs=LOGP, clip_low=0.2, ratio_level="turn")
-    with pytest.raises(ValueError, match="unknown kl_estimator 'k1'; options: k3, k2"):
-        policy_loss(LOGP, MASK, ADV, ref_logprobs=LOGP, kl_coef=0.1, kl_estimator="k1")
+# ----- LossConfig: every value and combination is checked once, when the config is made ---------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"aggregation": "sum"}, "model.loss.aggregation='sum': use one of seq-mean-token-mean, token-mean, "
+                                 "token-mean-per-micro-batch"),
+        ({"clip_low": 0.2, "ratio_level": "turn"}, "model.loss.ratio_level='turn': use one of token, sequence"),
+        ({"clip_low": 0.2, "old_logprobs": "engine"}, "model.loss.old_logprobs='engine': use one of trainer, rollout"),
+        ({"kl_coef": 0.1, "kl_estimator": "k1"}, "model.loss.kl_estimator='k1': use one of k3, k2"),
+        ({"clip_low": -1}, "model.loss.clip_low must be >= 0, got -1"),
+        ({"clip_high": -0.2}, "model.loss.clip_high must be >= 0, got -0.2"),
+        ({"sft_coef": -0.5}, "model.loss.sft_coef must be >= 0, got -0.5"),
+        ({"kl_coef": -0.01}, "model.loss.kl_coef must be >= 0, got -0.01"),
+        ({"opmd_tau": -1.0}, "model.loss.opmd_tau must be >= 0, got -1"),
+        ({"shaping_gamma": 0.0}, "model.loss.shaping_gamma must be > 0, got 0"),
+        ({"logit_temperature": 0}, "model.loss.logit_temperature must be > 0, got 0"),
+        ({"logit_temperature": float("nan")}, "model.loss.logit_temperature must be > 0, got nan"),
+        # settings of the clipped ratio without a clip range would silently train plain REINFORCE
+        ({"ratio_level": "sequence"}, "model.loss.ratio_level=sequence has no effect without a clip range: "
+                                      "set model.loss.clip_low and/or model.loss.clip_high"),
+        ({"old_logprobs": "rollout"}, "model.loss.old_logprobs=rollout has no effect without a clip range"),
+    ],
+)
+def test_invalid_loss_configs_are_refused_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LossConfig(**fields)
+
+
+def test_loss_config_defaults_are_the_papers_r3l():
+    config = LossConfig()
+    assert not config.uses_ratio and config.kl_coef == 0 and config.shaping_gamma is None and config.opmd_tau == 0
+    assert config.aggregation == "seq-mean-token-mean" and config.sft_coef == 1.0 and config.logit_temperature == 1.0
+    # either side of the clip range turns the ratio on, and with it the ratio's own settings
+    assert LossConfig(clip_high=0.2, ratio_level="sequence", old_logprobs="rollout").uses_ratio
+    assert LossConfig(clip_low=0.0).uses_ratio

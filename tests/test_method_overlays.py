@@ -24,8 +24,8 @@ EXPECTED = {
                            "correction_loss": "sft", "keep_success_reflections": False, "reflector": "policy",
                            "reflection_schema": "paper", "guidance_placement": "paper", "guidance_template": None,
                            "reflection_decoding": "schema", "retry_from": "pivot", "sft_reflections": True}),
-        "model": {"aggregation": "seq-mean-token-mean", "sft_coef": 1.0, "kl_coef": 0.0, "opmd_tau": 0.0,
-                  "weight_decay": 0.01, "clip_low": None, "clip_high": None, "max_grad_norm": 1.0},
+        "model": {"loss": {"aggregation": "seq-mean-token-mean", "sft_coef": 1.0, "kl_coef": 0.0, "opmd_tau": 0.0,
+                           "clip_low": None, "clip_high": None}, "weight_decay": 0.01, "max_grad_norm": 1.0},
     },
     "r3l_authors_code": {
         "explorer": (R3L, {"advantage": "r3l_reference", "alpha": 3.0, "reflection_temperature": 1.0,
@@ -33,47 +33,49 @@ EXPECTED = {
                            "correction_loss": "reinforce", "keep_success_reflections": True, "sft_reflections": True,
                            "reflection_decoding": "free", "retry_from": "authors", "guidance_placement": "authors",
                            "temperature": 1.0, "reflection_max_new_tokens": 4096}),
-        "model": {"aggregation": "token-mean", "opmd_tau": 1.0, "kl_coef": 0.001, "kl_estimator": "k2",
-                  "weight_decay": 0.01, "clip_low": None, "clip_high": None, "max_grad_norm": 1.0},
+        "model": {"loss": {"aggregation": "token-mean", "opmd_tau": 1.0, "kl_coef": 0.001, "kl_estimator": "k2",
+                           "clip_low": None, "clip_high": None}, "weight_decay": 0.01, "max_grad_norm": 1.0},
     },
     "grpo": {
         "explorer": (GROUP, {"advantage": "grpo", "singleton": "no_signal"}),
-        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.01,
-                  "kl_estimator": "k3"},
+        "model": {"loss": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.01,
+                           "kl_estimator": "k3"}},
     },
     "dapo": {
         "explorer": ("r3l_lightning.explore.dapo.DAPOExplorer",
                      {"advantage": "grpo", "drop_uniform_groups": True, "overlong_penalty": 1.0,
                       "overlong_max_tokens": 512, "overlong_buffer_tokens": 400, "overlong_length": "longest_response"}),
-        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0, "warmup_steps": 20},
+        "model": {"loss": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0},
+                  "warmup_steps": 20},
     },
     "gspo": {
         "explorer": (GROUP, {"advantage": "grpo"}),
-        "model": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "kl_coef": 0.01,
-                  "kl_estimator": "k3", "aggregation": "seq-mean-token-mean"},
+        "model": {"loss": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "kl_coef": 0.01,
+                           "kl_estimator": "k3", "aggregation": "seq-mean-token-mean"}},
     },
     "opmd": {
         "explorer": (GROUP, {"advantage": "mean_baseline"}),
-        "model": {"aggregation": "token-mean", "opmd_tau": 1.0, "kl_coef": 0.0, "clip_low": None},
+        "model": {"loss": {"aggregation": "token-mean", "opmd_tau": 1.0, "kl_coef": 0.0, "clip_low": None}},
     },
     "raft": {"explorer": ("r3l_lightning.explore.raft.RAFTExplorer", {"group_size": 1, "keep": "success"}),
              "model": {}},
     "reflect_grpo": {
         "explorer": ("r3l_lightning.explore.reflect_grpo.ReflectGRPOExplorer",
                      {"advantage": "grpo", "reflection_temperature": 0.7}),
-        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.01, "kl_estimator": "k3"},
+        "model": {"loss": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.01,
+                           "kl_estimator": "k3"}},
     },
     "critique_grpo": {
         "explorer": ("r3l_lightning.explore.critique_grpo.CritiqueGRPOExplorer",
                      {"advantage": "grpo", "reflection_temperature": 0.7}),
-        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
-                  "shaping_gamma": 0.1},
+        "model": {"loss": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
+                           "shaping_gamma": 0.1}},
     },
     "critique_grpo_reference": {
         "explorer": ("r3l_lightning.explore.critique_grpo.CritiqueGRPOReferenceExplorer",
                      {"advantage": "grpo", "reflection_temperature": 0.7}),
-        "model": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
-                  "shaping_gamma": 0.1},
+        "model": {"loss": {"aggregation": "token-mean", "clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0,
+                           "shaping_gamma": 0.1}},
     },
     "r3l_policy_reflector": {"explorer": (R3L, {"reflector": "policy", "reflection_schema": "paper",
                                                    "sft_reflections": True}), "model": {}},
@@ -88,6 +90,11 @@ EXPECTED = {
     "lora": {"explorer": (R3L, {}), "model": {"lr": 5e-4, "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0,
                                                                     "target_modules": "all-linear"}}},
 }
+
+
+def picked(actual: dict, expected: dict) -> dict:
+    """The keys of ``expected`` from ``actual``; a nested block (``model.loss``, ``model.lora``) key by key as well."""
+    return {k: picked(actual[k], v) if isinstance(v, dict) else actual[k] for k, v in expected.items()}
 
 
 def resolved(overlay: str, capsys) -> dict:
@@ -110,7 +117,7 @@ def test_overlay_resolves_to_its_table_settings(overlay, capsys):
     explorer = config["data"]["explorer"]
     assert explorer["class_path"] == class_path
     assert {k: explorer["init_args"][k] for k in init_args} == init_args
-    assert {k: config["model"][k] for k in EXPECTED[overlay]["model"]} == EXPECTED[overlay]["model"]
+    assert picked(config["model"], EXPECTED[overlay]["model"]) == EXPECTED[overlay]["model"]
 
 
 def test_the_authors_code_overlay_after_the_paper_one_and_back(capsys):
@@ -126,5 +133,5 @@ def test_the_authors_code_overlay_after_the_paper_one_and_back(capsys):
         config = yaml.safe_load(capsys.readouterr().out)
         init_args = expected["explorer"][1]
         assert {k: config["data"]["explorer"]["init_args"][k] for k in init_args} == init_args
-        assert {k: config["model"][k] for k in ("aggregation", "opmd_tau", "kl_coef")} == {
-            k: expected["model"][k] for k in ("aggregation", "opmd_tau", "kl_coef")}
+        assert {k: config["model"]["loss"][k] for k in ("aggregation", "opmd_tau", "kl_coef")} == {
+            k: expected["model"]["loss"][k] for k in ("aggregation", "opmd_tau", "kl_coef")}

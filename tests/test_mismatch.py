@@ -11,7 +11,7 @@ import torch
 
 from r3l_lightning.cli import cli_main
 from r3l_lightning.data import collate
-from r3l_lightning.losses import policy_loss
+from r3l_lightning.losses import LossConfig, policy_loss
 from r3l_lightning.mismatch import MismatchTotals, RolloutCorrection, correction_weights, kind_indices, rollout_corrected
 from r3l_lightning.models import TINY_RANDOM
 from r3l_lightning.module import R3LModule
@@ -93,7 +93,7 @@ def test_correction_none_and_config_errors():
     with pytest.raises(ValueError, match="rollout_correction.cap=0.5"):
         RolloutCorrection("mis", cap=0.5)
     with pytest.raises(ValueError, match="tis would weight by .* twice"):
-        R3LModule(TINY_RANDOM, clip_low=0.2, clip_high=0.2, old_logprobs="rollout",
+        R3LModule(TINY_RANDOM, loss=LossConfig(clip_low=0.2, clip_high=0.2, old_logprobs="rollout"),
                   rollout_correction=RolloutCorrection("tis"))
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from r3l_lightning.data import collate
+from r3l_lightning.losses import LossConfig
 from r3l_lightning.models import TINY_RANDOM
 from r3l_lightning.module import R3LModule
 from r3l_lightning.trajectory import TrainingSample
@@ -14,7 +17,7 @@ from r3l_lightning.trajectory import TrainingSample
 @pytest.fixture(scope="module")
 def module():
     torch.manual_seed(0)
-    return R3LModule(TINY_RANDOM, sft_coef=0.5)
+    return R3LModule(TINY_RANDOM, loss=LossConfig(sft_coef=0.5))
 
 
 def samples() -> list[TrainingSample]:
@@ -151,11 +154,12 @@ def test_critique_grpo_refinement_rows_get_policy_shaping(module):
         lp, mask = lp.squeeze(1), torch.tensor(s.loss_mask[1:])
         per_token = lp.exp() / (lp.exp() + gamma) if s.objective == "shaped" else lp
         expected.append(-(s.advantage * per_token * mask).sum() / mask.sum())
-    module.hparams.shaping_gamma = gamma
+    config = module.loss_config
+    module.loss_config = replace(config, shaping_gamma=gamma)
     try:
         got = step_loss(module, [batch])
     finally:
-        module.hparams.shaping_gamma = None
+        module.loss_config = config
     torch.testing.assert_close(got, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
 
 
@@ -193,7 +197,8 @@ def test_step_denominators_are_summed_over_ranks(module):
 def test_reference_code_loss_settings_reach_the_loss():
     """token-mean ÷ (1 + τ) and a k2 KL against a reference model, as the r3l_authors_code overlay sets them."""
     torch.manual_seed(0)
-    authors = R3LModule(TINY_RANDOM, aggregation="token-mean", opmd_tau=1.0, kl_coef=0.001, kl_estimator="k2")
+    authors = R3LModule(TINY_RANDOM, loss=LossConfig(aggregation="token-mean", opmd_tau=1.0, kl_coef=0.001,
+                                                     kl_estimator="k2"))
     assert authors.reference is not None  # loaded because kl_coef > 0
     with torch.no_grad():  # move the policy away from the reference: a non-zero KL
         for p in authors.policy.parameters():

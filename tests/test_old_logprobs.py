@@ -1,4 +1,4 @@
-"""The clipped ratio's old policy: with ``model.old_logprobs: trainer`` the policy recomputes the epoch's
+"""The clipped ratio's old policy: with ``model.loss.old_logprobs: trainer`` the policy recomputes the epoch's
 logprobs after exploration, so the ratio is exactly 1 on the epoch's first update whatever the engine's
 sampling distribution was; with ``rollout`` it is taken against the engine's processed logprobs."""
 
@@ -19,7 +19,7 @@ GRPO = ROOT / "configs" / "methods" / "grpo.yaml"
 
 def _first_step(tmp_path, monkeypatch, old_logprobs: str) -> dict:
     monkeypatch.chdir(tmp_path)
-    cli_main(["fit", "--config", str(SMOKE), "--config", str(GRPO), "--model.old_logprobs", old_logprobs,
+    cli_main(["fit", "--config", str(SMOKE), "--config", str(GRPO), "--model.loss.old_logprobs", old_logprobs,
               "--data.explorer.init_args.temperature", "0.5", "--trainer.max_epochs", "1",
               "--trainer.callbacks", "[{class_path: r3l_lightning.callbacks.ExplorationCallback}]",
               "--trainer.enable_checkpointing", "false"])
@@ -44,14 +44,17 @@ def test_rollout_old_logprobs_take_the_engines_distribution(tmp_path, monkeypatc
 
 
 def test_tis_with_the_clipped_ratio_needs_trainer_old_logprobs():
+    from dataclasses import replace
+
+    from r3l_lightning.losses import LossConfig
     from r3l_lightning.mismatch import RolloutCorrection
     from r3l_lightning.models import TINY_RANDOM
     from r3l_lightning.module import R3LModule
 
-    R3LModule(TINY_RANDOM, clip_low=0.2, clip_high=0.2, rollout_correction=RolloutCorrection("tis"))  # decoupled
+    clip = LossConfig(clip_low=0.2, clip_high=0.2)
+    R3LModule(TINY_RANDOM, loss=clip, rollout_correction=RolloutCorrection("tis"))  # decoupled
     with pytest.raises(ValueError, match="old_logprobs=rollout.*twice"):
-        R3LModule(TINY_RANDOM, clip_low=0.2, clip_high=0.2, old_logprobs="rollout",
-                  rollout_correction=RolloutCorrection("tis"))
+        R3LModule(TINY_RANDOM, loss=replace(clip, old_logprobs="rollout"), rollout_correction=RolloutCorrection("tis"))
 
 
 class PolicyForwards(L.Callback):

@@ -8,7 +8,7 @@
 4. the group is the N samples and the best refinement (highest reward, the first of equals) with the
    ORIGINAL prompt (critique removed), every assistant turn trainable; GRPO advantages over the N + 1
    rewards. The module trains the refinement with policy shaping instead of the importance ratio
-   (``model.shaping_gamma``). No SFT data.
+   (``model.loss.shaping_gamma``). No SFT data.
 
 ``CritiqueGRPOReferenceExplorer`` (the reference code's ``alfworld/critique_grpo_workflow.py``) changes
 steps 2 and 4: only FAILED samples (R < 1) are critiqued, in free text (a critique template, one user

@@ -1,7 +1,7 @@
 """``GroupExplorer``: N independent samples per task, advantages per group (GRPO-style exploration).
 
 Also "R³L w/o reflect-retry" (``advantage: r3l``) and OPMD (``advantage: mean_baseline``; its 1/(1 + τ) is
-the loss's ``opmd_tau``). For every task:
+``model.loss.opmd_tau``). For every task:
 
 1. roll out N trajectories from the task's prompt (:meth:`GroupExplorer.rollout`, all tasks stepped together);
 2. one group of N samples, advantages from the N rewards (:meth:`GroupExplorer.make_group`).

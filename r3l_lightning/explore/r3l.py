@@ -91,7 +91,7 @@ class R3LExplorer(GroupExplorer):
       masks the first k turns of the base and of the distill sample (as many as it has), and the guided retry
       is trainable from its first turn; ``authors``: ``scratch`` on Countdown and math, ``pivot`` elsewhere.
     - ``correction_loss``: how a correction (its reflection, and its guided retry) trains. ``sft``
-      (paper): SFT samples, weighted by ``model.sft_coef``. ``reinforce`` (reference code): each one is
+      (paper): SFT samples, weighted by ``model.loss.sft_coef``. ``reinforce`` (reference code): each one is
       a group of its own with reward 1.0, trained in the RL loss with the advantage its mode gives a lone
       reward of 1 (1.0 under ``r3l_reference``).
     - ``keep_success_reflections`` (reference code): a ``success`` reflection on a successful base
