@@ -69,7 +69,7 @@ def derive_run_dirs(trainer: Namespace) -> None:
 
 
 _RST_ROLE = re.compile(r":[a-z]+:`(~?)([^`<]*?)\s*(?:<[^`>]*>)?`")  # :class:`~a.b.C`, :func:`text <target>`
-_RST_LITERAL = re.compile(r"``(.+?)``")
+_RST_LITERAL = re.compile(r"``(.+?)``", re.S)  # a literal may wrap a line
 
 
 def plain_text(text: str) -> str:
