@@ -65,5 +65,8 @@ def test_reward_goes_up(tmp_path, method):
         # reward has nothing to retry (measured: the last epoch, once the policy has learned the task)
         failing = [i for i, rate in enumerate(success) if rate < 1.0]
         assert len(failing) >= EPOCHS - 2, success
-        assert all(distill[i] > 0 and sft[i] > 0 for i in failing), (success, distill, sft)
+        assert all(distill[i] > 0 for i in failing), (success, distill, sft)
+        # an SFT sample needs a retry that beats its base: every epoch where at least half the bases fail has one
+        # (an epoch with one failure may not: measured, 15 of 16 solved and its one retry no better)
+        assert all(sft[i] > 0 for i in failing if success[i] <= 0.5), (success, distill, sft)
         assert column(rows, "explore/valid_reflection_rate") == [1.0] * EPOCHS

@@ -632,7 +632,9 @@ class VLLMEngine(RolloutEngine):
     ) -> list[list[Completion]]:
         """Completions for token-id prompts. A seeded call is reproducible: per-request seeds
         (``seed + rank offset + prompt index``) on GPUs, the worker's generator seeded with ``seed + rank offset``
-        on CPUs; unseeded GPU calls get a seed from Python's ``random`` (:meth:`_call_seed`)."""
+        on CPUs, where the draws also depend on the prefix cache's content (cached blocks change which prefill
+        steps run), so a CPU call repeats exactly from the same cache state, e.g. after ``reset_prefix_cache()``;
+        unseeded GPU calls get a seed from Python's ``random`` (:meth:`_call_seed`)."""
         if self.policy is None:
             raise RuntimeError("VLLMEngine.generate called before bind(policy, tokenizer, eos_token_ids)")
         if constraints is not None and len(constraints) != len(prompts):
