@@ -7,8 +7,8 @@
 # Not part of CI: a full run takes hours on 2 cores. Each file is mutated in its own scratch copy of the
 # working tree ($MUTATION_WORKDIR/<name>, default /tmp/r3l-mutation), whose pyproject.toml gets a
 # [tool.mutmut] section naming that file (only_mutate) and its tests (pytest_add_cli_args_test_selection),
-# so a partial run still leaves complete per-file results (benchmarks/ is copied too: test_packing.py imports
-# benchmarks/packing.py). A file's result is in
+# so a partial run still leaves complete per-file results (benchmarks/ and experiments/ are copied too: test_packing.py
+# and test_countdown_operators.py import scripts from them). A file's result is in
 # $MUTATION_WORKDIR/<name>/mutants/mutmut-cicd-stats.json; the script prints one line per file:
 #   <file> killed=<k> survived=<s> no_tests=<n> timeout=<t> total=<N> score=<(k+t)/(N-skipped)>
 # List a file's survivors with `cd $MUTATION_WORKDIR/<name> && mutmut results`, show one with
@@ -56,7 +56,7 @@ for name in "${names[@]}"; do
 [tool.mutmut]
 source_paths = ["r3l_lightning"]
 only_mutate = ["$source_file"]
-also_copy = ["benchmarks"]
+also_copy = ["benchmarks", "experiments"]
 pytest_add_cli_args_test_selection = [${test_list%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
 EOF
