@@ -73,6 +73,9 @@ def collate(samples: list[TrainingSample]) -> MicroBatch:
         "assistant_tokens": torch.tensor([s.num_assistant_tokens for s in samples], dtype=torch.float32),
         "kind": kind_indices([s.kind for s in samples]),
     }
+    # equivalent mutants: dtype=None or left out in the torch.tensor calls for input_ids, loss_mask and
+    # old_logprobs below (assignment converts into the preallocated tensor's dtype) and for is_sft and shaped
+    # above (a list of bools is a bool tensor)
     for i, s in enumerate(samples):
         length = len(s.input_ids)
         batch["input_ids"][i, :length] = torch.tensor(s.input_ids, dtype=torch.long)
@@ -96,7 +99,7 @@ def pack(samples: list[TrainingSample], max_tokens: int) -> list[list[TrainingSa
     """
     batches: list[list[TrainingSample]] = []
     current: list[TrainingSample] = []
-    longest = 0
+    longest = 0  # equivalent mutants: 1 here and below (a sample has at least one token: max(1, length) = length)
     for s in samples:
         length = len(s.input_ids)
         if current and (len(current) + 1) * max(longest, length) > max_tokens:
@@ -272,6 +275,8 @@ class ExperienceDataModule(L.LightningDataModule):
         self.untrained_steps = self.untrained_steps[1:]
 
     def train_dataloader(self) -> DataLoader:
+        # equivalent mutants: collate_fn None or left out (unbatched items go through default_convert, which keeps
+        # a list of dicts of tensors as it is)
         return DataLoader(ExperienceDataset(self), batch_size=None, collate_fn=_as_is)
 
     def state_dict(self) -> dict:

@@ -114,6 +114,8 @@ class LossTerms:
 
 def _chunk_logprobs(x: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
     """log-sum-exp, target logprob and (when asked) entropy of each row of scaled logits ``x``."""
+    # equivalent mutants (docs/mutation.md): dim=+1 and sum(+1) for -1 (x is [rows, vocab]); an entropy computed
+    # though not asked for (the caller stores it only when asked)
     lse = torch.logsumexp(x, dim=-1)
     logp = x.gather(1, targets[:, None]).squeeze(1) - lse
     entropy = lse - (torch.softmax(x, dim=-1) * x).sum(-1) if with_entropy else None
@@ -124,6 +126,8 @@ def _chunked_logprobs(scaled_logits, targets: torch.Tensor, chunk_size: int, wit
                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Target logprobs, log-sum-exps and entropies (empty unless ``with_entropy``) of ``len(targets)`` rows whose
     scaled logits ``scaled_logits(start, end)`` gives ``chunk_size`` rows at a time."""
+    # equivalent mutants: an entropy buffer of n or 1 entries though not asked for (never returned); a step of 1 or
+    # end = None (overlapping chunks write the same values again: only time and memory differ)
     n = targets.shape[0]
     logp = targets.new_empty(n, dtype=dtype)
     lse = targets.new_empty(n, dtype=dtype)
@@ -168,6 +172,7 @@ class _ChunkedLogProb(torch.autograd.Function):
         rows, targets, lse = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         grad_rows = torch.empty_like(rows)
+        # equivalent mutants: a step of 1 or end = None (overlapping chunks write the same gradients again)
         for start in range(0, rows.shape[0], chunk_size):
             end = start + chunk_size
             x = rows[start:end].to(lse.dtype) / temperature
@@ -210,7 +215,9 @@ class _ChunkedHeadLogProb(torch.autograd.Function):
             d = _chunk_logit_grad(x, lse[start:end], targets[start:end], grad_logp[start:end], temperature)
             d = d.to(compute_dtype)
             grad_hidden[start:end] = d @ w
+            # equivalent mutant: .to(None), as += casts the compute-dtype product to grad_weight's dtype exactly
             grad_weight += (d.T @ h).to(grad_weight.dtype)
+        # equivalent mutant: .to(None), as autograd casts a gradient to its input's dtype
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
@@ -218,7 +225,7 @@ def token_logprobs(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
     temperature: float = 1.0,
-    chunk_size: int = 4096,
+    chunk_size: int = 4096,  # equivalent mutant (docs/mutation.md): any size gives the same values, it bounds memory
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``out[:, t] = log p(input_ids[:, t] | input_ids[:, :t])`` from ``logits[:, t-1] / temperature``.
@@ -253,7 +260,7 @@ def head_token_logprobs(
     input_ids: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,
-    chunk_size: int = 4096,
+    chunk_size: int = 4096,  # equivalent mutant (docs/mutation.md): any size gives the same values, it bounds memory
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`token_logprobs` from the last hidden states ``hidden`` [B, L, H] and the output projection
@@ -360,7 +367,7 @@ def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggrega
     if aggregation in ("token-mean", "token-mean-per-micro-batch"):
         numerator = weighted.sum()
     else:
-        lengths = mask.sum(dim=1)
+        lengths = mask.sum(dim=1)  # equivalent mutant: lengths >= 0, as a row with |τ| = 0 sums to 0 / 1e-8 = 0
         numerator = torch.where(lengths > 0, weighted.sum(dim=1) / lengths.clamp(min=1e-8), 0.0).sum()
     return LossTerms(numerator, loss_denominator(mask, aggregation))
 
@@ -422,6 +429,9 @@ def policy_loss(
     shaped_rows = shaped.bool()[:, None] if shaping else torch.zeros_like(trainable[:, :1])
     metrics: dict[str, torch.Tensor] = {}
     if old_logprobs is not None and config.uses_ratio:
+        # equivalent mutants: float("INF") (float() reads any case); below, a fill of 1.0 for 0.0 in the
+        # torch.where of log_ratio, prob and the KL inputs: no result reads those (untrained or shaped) entries,
+        # the fill only keeps a padded -inf out of exp
         low = 1.0 - clip_low if clip_low is not None else -float("inf")
         high = 1.0 + clip_high if clip_high is not None else float("inf")
         ratio_mask = mask * ~shaped_rows  # shaped rows get ratio 1: an off-context ratio never makes a NaN

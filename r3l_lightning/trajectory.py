@@ -155,6 +155,7 @@ class ChatTokenizer:
         self._eos_text = {i: tokenizer.decode([i]) for i in self.eos_token_ids}
 
     def encode_text(self, text: str) -> list[int]:
+        # equivalent mutant: `if text or True` (a tokenizer encodes "" as [] without special tokens)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -164,7 +165,7 @@ class ChatTokenizer:
         """The chat template's text for ``messages`` (assistant content as stored)."""
         return self.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False,
+            tokenize=False,  # equivalent mutant: tokenize=None (falsy: the text as well)
             add_generation_prompt=add_generation_prompt,
         )
 
@@ -180,14 +181,16 @@ class ChatTokenizer:
                 content = _PLACEHOLDER.format(turn)
                 turn += 1
             dicts.append({"role": m.role, "content": content})
+        # equivalent mutants: tokenize=None (falsy), add_generation_prompt None or left out (its default, False)
         text = self.tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=False)
         assistant = [m for m in messages if m.role == "assistant"]
         ids: list[int] = []
         spans: list[tuple[int, int]] = []
         logprobs: list[float | None] = []
-        cursor = 0
+        cursor = 0  # equivalent mutant: None (find and slices read it as 0)
         for k, m in enumerate(assistant):
             marker = _PLACEHOLDER.format(k)
+            # equivalent mutants: find from 0, rfind: each marker occurs once in the text
             pos = text.find(marker, cursor)
             if pos < 0:
                 raise TemplateError(
@@ -215,12 +218,15 @@ class ChatTokenizer:
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         """Ids the sampler is given to produce the next assistant turn after ``messages``."""
+        # equivalent mutants: any content (tokenize renders a placeholder in its place), and turn_spans[-1][1]
+        # (the probe's span is empty: start = end)
         probe = self.tokenize(messages + [Message("assistant", "", token_ids=[])])
         return probe.input_ids[: probe.turn_spans[-1][0]]
 
     def assistant_message(self, token_ids: list[int], logprobs: list[float] | None = None) -> Message:
         """An assistant message for sampled ids; its content is their text without end-of-turn."""
         body = token_ids[:-1] if token_ids and token_ids[-1] in self._eos_text else token_ids
+        # equivalent mutant: skip_special_tokens left out (decode's default is False)
         content = self.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return Message("assistant", content, token_ids=list(token_ids), logprobs=logprobs)
 

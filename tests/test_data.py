@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from r3l_lightning.data import ExperienceDataModule, collate, pack, plan_steps
+from r3l_lightning.data import ExperienceDataModule, ExperienceDataset, collate, pack, plan_steps
 from r3l_lightning.envs.base import Task, TaskSource
 from r3l_lightning.mismatch import SAMPLE_KINDS
 from r3l_lightning.trajectory import TrainingSample
@@ -49,6 +49,152 @@ def test_collate_right_pads_with_zero_attention_and_zero_loss():
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
     assert batch["advantages"].tolist() == [2.0, 1.0]
     assert batch["is_sft"].tolist() == [False, True]
+
+
+def test_collate_by_hand_whatever_the_default_dtype():
+    from r3l_lightning.data import ExperienceBuffer, padding_micro_batch
+
+    rows = [TrainingSample([5, 6, 7], [0, 1, 0.5], 2.0, "base", old_logprobs=[0.0, -0.5, -0.25],
+                           num_assistant_tokens=2),
+            TrainingSample([8, 9], [0, 1], -1.0, "refinement", num_assistant_tokens=1),  # objective shaped
+            TrainingSample([3, 4], [0, 1], 0.0, "sft_success")]
+    expected = {
+        "input_ids": torch.tensor([[5, 6, 7], [8, 9, 0], [3, 4, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]]),
+        "loss_mask": torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]),
+        "old_logprobs": torch.tensor([[0.0, -0.5, -0.25], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        "has_old_logprobs": torch.tensor([True, False, False]),
+        "advantages": torch.tensor([2.0, -1.0, 0.0]),
+        "is_sft": torch.tensor([False, False, True]),
+        "shaped": torch.tensor([False, True, False]),
+        "assistant_tokens": torch.tensor([2.0, 1.0, 0.0]),
+        "kind": torch.tensor([SAMPLE_KINDS.index(k) for k in ("base", "refinement", "sft_success")]),
+    }
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)  # the micro-batch's dtypes are its own
+        batch = collate(rows)
+        padding = padding_micro_batch()
+    finally:
+        torch.set_default_dtype(default)
+    assert batch.keys() == expected.keys()
+    for key, value in expected.items():
+        assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+    # the padding micro-batch: one two-token sequence that trains nothing
+    assert padding["input_ids"].tolist() == [[0, 0]] and padding["attention_mask"].tolist() == [[1, 1]]
+    assert padding["loss_mask"].tolist() == [[0.0, 0.0]] and padding["advantages"].tolist() == [0.0]
+    assert padding["loss_mask"].dtype == torch.float32
+    # the buffer adds to what it holds and counts samples: 2 + 1 in groups, 1 SFT, then 1 more group of 1
+    buffer = ExperienceBuffer()
+    buffer.put([rows[:2], rows[2:]], [rows[0]])
+    buffer.put([rows[1:2]], [])
+    assert len(buffer) == 5
+    groups, sft = buffer.drain()
+    assert groups == [rows[:2], rows[2:], rows[1:2]] and sft == [rows[0]] and len(buffer) == 0
+
+
+def test_the_datamodule_defaults_and_its_argument_errors():
+    from r3l_lightning.explore.r3l import R3LExplorer
+    from r3l_lightning.rollout_log import DEFAULT_ROLLOUT_LOG
+
+    env, tasks, held_out = object(), ListTasks(1), ListTasks(3)  # a single task is enough
+    dm = ExperienceDataModule(environment=env, train_tasks=tasks, eval_tasks=held_out)
+    assert (dm.environment, dm.train_tasks, dm.eval_tasks, dm.rollout_log) == (env, tasks, held_out,
+                                                                               DEFAULT_ROLLOUT_LOG)
+    assert (dm.tasks_per_epoch, dm.groups_per_step, dm.max_tokens_per_micro_batch, dm.seed) == (8, 8, 4096, 0)
+    assert isinstance(dm.explorer, R3LExplorer)
+    explorer = R3LExplorer(group_size=2)
+    assert ExperienceDataModule(environment=env, train_tasks=tasks, explorer=explorer).explorer is explorer
+    assert ExperienceDataModule(environment=env, train_tasks=tasks, groups_per_step=1).groups_per_step == 1
+    with pytest.raises(ValueError) as error:
+        ExperienceDataModule(environment=env, train_tasks=tasks, groups_per_step=0)
+    assert str(error.value) == "data.groups_per_step must be >= 1, got 0"
+    with pytest.raises(ValueError) as error:
+        ExperienceDataModule(environment=env, train_tasks=ListTasks(0))
+    assert str(error.value) == "data.train_tasks is empty: point it at a task source with at least one task"
+
+
+def test_eval_task_list_is_the_first_tasks_up_to_the_limit():
+    dm = ExperienceDataModule(environment=None, train_tasks=ListTasks(2), eval_tasks=ListTasks(3))
+    assert [t.task_id for t in dm.eval_task_list()] == ["t0", "t1", "t2"]
+    assert [t.task_id for t in dm.eval_task_list(2)] == ["t0", "t1"]
+    assert [t.task_id for t in dm.eval_task_list(10)] == ["t0", "t1", "t2"]
+    assert datamodule().eval_task_list() == []  # no evaluation tasks
+
+
+def test_state_dict_round_trip_and_old_checkpoints():
+    from types import SimpleNamespace
+
+    dm = datamodule()
+    dm.next_train_tasks(3)
+    dm.explorer.calls = 4
+    dm.buffer.put([[sample(4), sample(6)]], [])
+    steps = dm.take_planned_steps()
+    state = dm.state_dict()
+    assert state.keys() == {"task_cursor", "epoch", "explorer", "untrained_steps"}
+    assert (state["task_cursor"], state["epoch"], state["explorer"]) == (3, 1, {"calls": 4})
+    assert state["untrained_steps"] == steps and len(steps) == 1
+    resumed = datamodule()
+    resumed.load_state_dict(state)
+    assert (resumed.task_cursor, resumed._epoch, resumed.explorer.calls) == (3, 1, 4)
+    assert resumed.untrained_steps == steps and resumed.planned_steps() == steps  # trains exactly those first
+    # a multi-process run saves no untrained steps
+    dm.trainer = SimpleNamespace(world_size=2)
+    assert dm.state_dict()["untrained_steps"] == []
+    # a checkpoint of an older version: no explorer state, no untrained steps; the epoch is planned as usual
+    old = datamodule()
+    old.load_state_dict({"task_cursor": 5, "epoch": 2})
+    assert (old.task_cursor, old._epoch, old.explorer.calls, old.untrained_steps) == (5, 2, 0, [])
+    old.buffer.put([[sample(4)]], [])
+    assert len(old.planned_steps()) == 1
+
+
+def test_steps_are_trained_one_by_one_and_epochs_are_counted():
+    dm = datamodule(groups_per_step=1)  # one group a step: 3 steps
+    dm.buffer.put([[sample(4)], [sample(6)], [sample(8)]], [])
+    assert dm.plan_epoch() == 3  # one process by default
+    steps = dm.take_planned_steps()
+    dm.step_trained()
+    assert dm.untrained_steps == steps[1:]
+    dm.buffer.put([[sample(4)], [sample(6)]], [])
+    assert len(list(ExperienceDataset(dm))) == 2 and dm.untrained_steps == []  # the epoch's steps, all trained
+    assert dm.state_dict()["epoch"] == 2
+    two = datamodule(groups_per_step=2)
+    two.buffer.put([[sample(4)], [sample(6)]], [])
+    assert two.plan_epoch() == 1  # two groups a step on one process
+    # only SFT samples: one step
+    assert len(plan_steps([], [sample(4, kind="sft_success")], 2, 64, random.Random(0))) == 1
+
+
+def test_a_rank_with_fewer_steps_reports_zero_micro_batches_for_the_missing_ones():
+    from r3l_lightning.data import equalize
+
+    calls = []
+
+    def reduce_max(values):  # the other rank: 3 steps of 2, 1 and 1 micro-batches
+        calls.append(list(values))
+        other = {1: [3], 3: [2, 1, 1]}[len(values)]
+        return [max(a, b) for a, b in zip(values, other)]
+
+    one_step = plan_steps([[sample(4)]], [], 1, 64, random.Random(0))
+    assert equalize(one_step, reduce_max) == (3, [2, 1, 1])
+    assert calls == [[1], [1, 0, 0]]
+
+
+def test_the_epoch_plan_is_seeded():
+    # 6 groups of different lengths, one a step: the same seed gives the same order of steps (1 in 720 by chance)
+    def plan():
+        dm = datamodule(groups_per_step=1)
+        dm.buffer.put([[sample(n)] for n in range(2, 8)], [])
+        return [step[0]["input_ids"].shape[1] for step in dm.planned_steps()]
+
+    assert plan() == plan()
+
+
+def test_the_task_cursor_continues_from_where_it_is():
+    dm, fresh = datamodule(), datamodule()
+    dm.next_train_tasks(2)
+    assert dm.next_train_tasks(3) == fresh.next_train_tasks(5)[2:] and dm.task_cursor == 5
 
 
 def test_the_loss_rows_follow_the_objective_not_the_kind():

@@ -15,6 +15,7 @@ from r3l_lightning.losses import (
     head_token_logprobs,
     kl_estimate,
     loss_denominator,
+    micro_batch_denominator,
     policy_loss,
     sft_loss,
     token_logprobs,
@@ -113,6 +114,7 @@ def test_head_logprobs_by_hand_only_at_targets():
     # ln .25 = -1.38629436111989 at t = 2, ln .75 = -.28768207245178 at t = 3; untargeted t = 1 and t = 0 stay 0
     assert_close(logp, torch.tensor([[0.0, 0.0, -1.3862943611, -0.2876820725]]), **TIGHT)
     assert_close(ent, torch.tensor([[0.0, 0.0, 0.5623351446, 0.5623351446]]), **TIGHT)  # as in the test above
+    assert head_token_logprobs(hidden, weight, ids, targets)[1] is None  # no entropy unless asked
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
@@ -143,6 +145,45 @@ def test_head_logprob_gradient_passes_gradcheck_in_float64():
     targets = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
     assert torch.autograd.gradcheck(
         lambda h, w: head_token_logprobs(h, w, ids, targets, temperature=0.8, chunk_size=2)[0], (hidden, weight))
+
+
+def test_head_logprobs_under_autocast_project_in_bf16_and_softmax_in_float32():
+    # float32 hidden states and weight (mixed-precision training): under CPU autocast the projection is done in
+    # bfloat16 like the model's own lm_head, the log-softmax in float32, and the gradients come back in float32
+    torch.manual_seed(5)
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    ids = torch.randint(0, 9, (2, 5))
+    targets = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = head_token_logprobs(hidden, weight, ids, targets, chunk_size=2)
+    logits = hidden.to(torch.bfloat16) @ weight.to(torch.bfloat16).T  # what the projection computes
+    full, _ = token_logprobs(logits, ids)
+    assert logp.dtype == torch.float32
+    assert_close(logp, torch.where(targets, full, 0.0))
+    upstream = torch.randn(2, 5)
+    grads = torch.autograd.grad((logp * upstream).sum(), (hidden, weight))
+    full_grads = torch.autograd.grad((torch.where(targets, full, 0.0) * upstream).sum(), (hidden, weight))
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32]
+    for grad, full_grad in zip(grads, full_grads):
+        assert_close(grad, full_grad, rtol=2e-2, atol=2e-2)  # bfloat16 products
+
+
+def test_head_weight_gradient_of_bf16_weights_accumulates_over_chunks_in_float32():
+    # hidden [1, 1] and W = I (bf16): logits [1, 1], p = [.5, .5]; target 1 at each of 17 positions, so each
+    # row's ∂logp/∂W = (onehot − p) ⊗ h = [[-.5, -.5], [.5, .5]], times its upstream gradient: 1 for the first
+    # row, 2⁻⁹ for the 16 others. Σ = 1 + 16·2⁻⁹ = 1.03125 → ±.515625. A bf16 running sum would stay at ±.5:
+    # each ±2⁻¹⁰ is below half a bf16 ulp of .5 (2⁻⁹) and would be rounded away, chunk after chunk.
+    hidden = torch.ones(1, 18, 2, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.eye(2, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.ones(1, 18, dtype=torch.long)
+    upstream = torch.full((1, 18), 2.0**-9)
+    upstream[0, 1] = 1.0
+    for chunk_size in (1, 1000):
+        logp, _ = head_token_logprobs(hidden, weight, ids, torch.ones(1, 18, dtype=torch.bool), chunk_size=chunk_size)
+        (grad_weight,) = torch.autograd.grad((logp * upstream).sum(), weight)
+        assert grad_weight.dtype == torch.bfloat16
+        assert torch.equal(grad_weight.float(), torch.tensor([[-0.515625, -0.515625], [0.515625, 0.515625]]))
 
 
 def test_head_logprobs_check_shapes():
@@ -208,6 +249,8 @@ def test_per_token_inputs_of_another_shape_are_rejected():
         policy_loss(LOGP, MASK, ADV, LossConfig(clip_low=0.2), old_logprobs=LOGP[0])
     with pytest.raises(ValueError, match=r"ref_logprobs must have the shape of loss_mask \[2, 5\], got \[1, 5\]"):
         policy_loss(LOGP, MASK, ADV, LossConfig(kl_coef=0.1), ref_logprobs=LOGP[:1])
+    with pytest.raises(ValueError, match=r"token_weights must have the shape of loss_mask \[2, 5\], got \[2\]"):
+        policy_loss(LOGP, MASK, ADV, token_weights=torch.ones(2))
     with pytest.raises(ValueError, match=r"shaped must be one flag per sequence \[B\] = \[2\], got \[2, 1\]"):
         policy_loss(LOGP, MASK, ADV, LossConfig(shaping_gamma=0.1), shaped=torch.ones(2, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"loss_mask must be \[B, L\]"):
@@ -227,6 +270,21 @@ def test_weighted_mask():
         terms = policy_loss(LOGP[:1], mask, ADV[:1], LossConfig(aggregation=agg))
         assert_close(terms.numerator / terms.denominator, scalar(2.6666666667), **TIGHT)
         assert_close(terms.denominator, scalar(denominator), **TIGHT)
+    # a sequence whose only token weighs .5 (|τ| = .5 < 1): its mean is that token's ℓ = 2·1 = 2
+    half = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0]])
+    terms = policy_loss(LOGP[:1], half, ADV[:1])
+    assert_close(terms.numerator, scalar(2.0), **TIGHT)
+    assert_close(terms.denominator, scalar(1.0), **TIGHT)
+    # the KL metric is the same weighted mean: k3 of that one token (δ = 0 - (-1) = 1) = e - 2
+    kl = policy_loss(LOGP[:1], half, ADV[:1], ref_logprobs=torch.zeros(1, 5)).metrics["kl"]
+    assert_close(kl, scalar(0.7182818285), **TIGHT)
+
+
+def test_token_mean_per_micro_batch_sums_tokens_over_sequences():
+    # numerator Σ mask·ℓ = 2 + 4 - .4 - 3 - 1 = 1.6 (as token-mean), denominator: the 2 sequences
+    terms = policy_loss(LOGP, MASK, ADV, LossConfig(aggregation="token-mean-per-micro-batch"))
+    assert_close(terms.numerator, scalar(1.6), **TIGHT)
+    assert_close(terms.denominator, scalar(2.0), **TIGHT)
 
 
 @pytest.mark.parametrize(
@@ -279,6 +337,26 @@ def test_loss_denominator():
     assert_close(loss_denominator(mask, "token-mean"), scalar(5.0))
     with pytest.raises(ValueError, match="options: seq-mean-token-mean, token-mean"):
         loss_denominator(mask, "sum")
+    # per micro-batch, the step denominator counts sequences (as seq-mean-token-mean does)
+    assert_close(loss_denominator(mask, "token-mean-per-micro-batch"), scalar(2.0))
+    # a sequence with a single trainable token, or a single token weighted .5, is a sequence
+    single = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.5], [0.0, 0.0, 0.0]])
+    assert_close(loss_denominator(single, "seq-mean-token-mean"), scalar(2.0))
+
+
+def test_micro_batch_denominator_by_hand():
+    step = scalar(6.0)  # the step's loss_denominator, e.g. 6 sequences over its micro-batches
+    for agg in ("seq-mean-token-mean", "token-mean"):  # one mean over the step: the step's denominator as is
+        assert micro_batch_denominator(MASK, agg, step) is step
+    # token-mean-per-micro-batch: Σ mask · S / s = 5 tokens · 6 / 2 sequences = 15 (an empty row is no sequence)
+    with_empty_row = torch.cat([MASK, torch.zeros(1, 5)])
+    assert_close(micro_batch_denominator(with_empty_row, "token-mean-per-micro-batch", step), scalar(15.0), **TIGHT)
+    # weights count as tokens: (1 + .5) · 6 / 1 = 9
+    weighted = torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.0]])
+    assert_close(micro_batch_denominator(weighted, "token-mean-per-micro-batch", step), scalar(9.0), **TIGHT)
+    # a micro-batch without trainable tokens (numerator 0) gets a tiny positive divisor, never 0 (no NaN)
+    empty = micro_batch_denominator(torch.zeros(2, 5), "token-mean-per-micro-batch", step)
+    assert_close(empty, scalar(1e-8), rtol=1e-6, atol=0.0)
 
 
 # ----- policy loss: clipped ratio, GSPO, KL ------------------------------------------------------
@@ -313,6 +391,34 @@ def test_clipped_token_ratio_by_hand_negative_advantage():
     upper = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([1.0]), LossConfig(clip_high=0.2),
                         old_logprobs=torch.zeros(1, 4))
     assert_close(upper.numerator, scalar(-2.8 / 3), **TIGHT)
+    assert_close(upper.metrics["clip_fraction"], scalar(1 / 3), **TIGHT)  # 1.5 only
+    # ... and for Â = -1: min(-r, -min(r, 1.2)) = -r → ℓ = [1.5, .5, 1.1]
+    upper = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([-1.0]), LossConfig(clip_high=0.2),
+                        old_logprobs=torch.zeros(1, 4))
+    assert_close(upper.numerator, scalar(3.1 / 3), **TIGHT)
+    # only a lower bound: r = 1.5 is not clipped from above; Â = -1: min(-r, -max(r, .8)) = [-1.5, -.8, -1.1]
+    lower = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([-1.0]), LossConfig(clip_low=0.2),
+                        old_logprobs=torch.zeros(1, 4))
+    assert_close(lower.numerator, scalar(3.4 / 3), **TIGHT)
+    assert_close(lower.metrics["clip_fraction"], scalar(1 / 3), **TIGHT)  # .5 only
+
+
+def test_clipped_token_ratio_scales_with_the_advantage():
+    # Â = 2, clip [.8, 1.2]: min(2r, 2·clip(r)) = 2·[1.2, .5, 1.1] → ℓ = [-2.4, -1, -2.2] → mean -5.6/3
+    terms = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([2.0]), LossConfig(clip_low=0.2, clip_high=0.2),
+                        old_logprobs=torch.zeros(1, 4))
+    assert_close(terms.numerator, scalar(-5.6 / 3), **TIGHT)
+    # Â = -2: min(-2r, -2·clip(r)) = -2·[1.5, .8, 1.1] → ℓ = [3, 1.6, 2.2] → mean 6.8/3
+    terms = policy_loss(RATIO_LOGP, RATIO_MASK, torch.tensor([-2.0]), LossConfig(clip_low=0.2, clip_high=0.2),
+                        old_logprobs=torch.zeros(1, 4))
+    assert_close(terms.numerator, scalar(6.8 / 3), **TIGHT)
+
+
+def test_a_ratio_on_the_clip_bound_is_not_counted_as_clipped():
+    # on-policy (old = logp): r = 1 exactly; a zero-width range [1, 1] has it on both bounds, inside the range
+    terms = policy_loss(LOGP, MASK, ADV, LossConfig(clip_low=0.0, clip_high=0.0), old_logprobs=LOGP.clone())
+    assert_close(terms.metrics["clip_fraction"], scalar(0.0), **TIGHT)
+    assert_close(terms.metrics["ratio_mean"], scalar(1.0), **TIGHT)
 
 
 def test_old_logprobs_without_a_clip_range_are_ignored():
@@ -340,6 +446,9 @@ def test_sequence_ratio_gspo_by_hand():
     assert_close(terms.numerator, scalar(1.2214027582), **TIGHT)
     terms.numerator.backward()
     assert_close(logp.grad, torch.tensor([[0.0, 0.6107013791, 0.6107013791, 0.0]]), **TIGHT)
+    # a weighted mask: the log-ratio is the weighted mean over the sequence, (.25·.1 + .25·.3)/.5 = .2 again
+    weighted = policy_loss(logp, torch.tensor([[0.0, 0.25, 0.25, 0.0]]), torch.tensor([1.0]), gspo, old_logprobs=old)
+    assert_close(weighted.metrics["ratio_mean"], scalar(1.2214027582), **TIGHT)
 
 
 def test_sequence_ratio_is_per_sequence():
@@ -373,6 +482,10 @@ def test_k3_kl_by_hand():
     monitor = policy_loss(logp, mask, torch.tensor([1.0]), ref_logprobs=ref)
     assert_close(monitor.numerator, scalar(1.5), **TIGHT)
     assert_close(monitor.metrics["kl"], scalar(0.4124062441), **TIGHT)
+    # ... even when the estimate overflows (δ = 99: e^99 > float32's max): the loss stays finite
+    far = policy_loss(logp, mask, torch.tensor([1.0]), ref_logprobs=torch.tensor([[0.0, 98.0, -1.0]]))
+    assert far.metrics["kl"] == float("inf")
+    assert_close(far.numerator, scalar(1.5), **TIGHT)
 
 
 def test_k2_kl_by_hand():
@@ -389,8 +502,27 @@ def test_k2_kl_by_hand():
     (terms.numerator / terms.denominator).backward()
     # ∂k2/∂logp = logp - ref = [.5, -1]; ·.001/2 = [.00025, -.0005]
     assert_close(logp.grad, torch.tensor([[0.0, 0.00025, -0.0005]]), rtol=1e-6, atol=0.0)
-    # k3 of the same tokens (δ = ref - logp = [-.5, 1]): e^δ - δ - 1 = [.10653066, .71828183]
+    # k3 of the same tokens (δ = ref - logp = [-.5, 1]): e^δ - δ - 1 = [.10653066, .71828183]; k3 is the default
     assert_close(kl_estimate(logp, ref, "k3")[0, 1:], torch.tensor([0.1065306597, 0.7182818285]), **TIGHT)
+    assert_close(kl_estimate(logp, ref)[0, 1:], torch.tensor([0.1065306597, 0.7182818285]), **TIGHT)
+
+
+def test_token_weights_weight_the_policy_term_but_not_the_kl():
+    # w = [.5, 2] on row 0's tokens 1, 2 and [1, 1, 0] on row 1's 2..4 (values on masked tokens must not
+    # matter). ℓ = -Â·logp = [2, 4 | -.4, -3, -1] → Σ w·ℓ = 1 + 8 - .4 - 3 + 0 = 5.6; k2 against ref = 0,
+    # unweighted: ½·logp² = .5, 2, .08, 4.5, .5 → 7.58 → ·.001 = .00758; token-mean: 5.60758 / 5 = 1.121516
+    weights = torch.tensor([[9.0, 0.5, 2.0, 9.0, 9.0], [9.0, 9.0, 1.0, 1.0, 0.0]], requires_grad=True)
+    logp = LOGP.clone().requires_grad_(True)
+    terms = policy_loss(logp, MASK, ADV, LossConfig(aggregation="token-mean", kl_coef=0.001, kl_estimator="k2"),
+                        token_weights=weights, ref_logprobs=torch.zeros_like(LOGP))
+    assert_close(terms.numerator, scalar(5.60758), **TIGHT)
+    assert_close(terms.denominator, scalar(5.0), **TIGHT)  # |τ| unweighted
+    terms.numerator.backward()
+    assert weights.grad is None  # the weights are constants of the loss
+    # ∂/∂logp = -Â·w + .001·logp: row 0: -2·.5 - .001 = -1.001, -2·2 - .002 = -4.002;
+    # row 1: .9996, .997, -.001
+    assert_close(logp.grad, torch.tensor([[0.0, -1.001, -4.002, 0.0, 0.0], [0.0, 0.0, 0.9996, 0.997, -0.001]]),
+                 **TIGHT)
 
 
 def test_opmd_tau_halves_the_token_mean_policy_term_but_not_the_kl():
@@ -510,6 +642,10 @@ def test_sft_loss_is_mean_token_nll():
     assert_close(terms.numerator, scalar(7.4), **TIGHT)
     assert_close(terms.denominator, scalar(5.0), **TIGHT)
     assert_close(terms.numerator / terms.denominator, scalar(1.48), **TIGHT)
+    # a weighted mask [1, .5] on targets 1, 2: (1·1 + .5·2) / 1.5
+    weighted = sft_loss(LOGP[:1], torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.0]]))
+    assert_close(weighted.numerator, scalar(2.0), **TIGHT)
+    assert_close(weighted.denominator, scalar(1.5), **TIGHT)
 
 
 # ----- LossConfig: every value and combination is checked once, when the config is made ---------------

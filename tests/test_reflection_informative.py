@@ -35,6 +35,8 @@ def test_copying_the_field_descriptions_or_the_example_of_the_prompt_is_not_info
     assert informativeness(report(cause="WHY it went wrong, traced back!"), PROMPTS) == "copies_prompt"
     # five are not: a diagnosis may use a few of the prompt's words
     assert informativeness(report(cause="why it went wrong: adding"), PROMPTS) == ""
+    # ... not even the five a prompt text ends with ("... using every number exactly once.")
+    assert informativeness(report(cause="Not using every number exactly once."), PROMPTS) == ""
 
 
 def test_restating_the_task_rules_is_copying_too():
@@ -64,6 +66,16 @@ def test_a_grounded_field_that_repeats_a_failed_answer_is_not_informative():
     failed = ["<answer>3 + 5</answer>", "3 + 5", "5 + 3"]
     assert informativeness(report(equation_to_try="3  + 5"), PROMPTS, failed) == "repeats_failed_action"
     assert informativeness(report(equation_to_try="3 * 5"), PROMPTS, failed) == ""
+    # the failed answer as the base wrote it, tags and all, is the same answer
+    assert informativeness(report(equation_to_try="3 + 5"), PROMPTS, ["<answer>3 + 5</answer>"]) == (
+        "repeats_failed_action")
+
+
+def test_example_reports_are_the_json_object_lines_of_a_text():
+    from r3l_lightning.explore.reflection import example_reports
+
+    text = 'Fields:\n{not json}\n  {"trajectory_summary": "s", "retry_from_step": 0}  \n[{"a": 1}]\n{"b": 2} and more'
+    assert example_reports(text) == [{"trajectory_summary": "s", "retry_from_step": 0}]
 
 
 def test_the_default_prompt_shows_no_placeholder_value_only_a_filled_in_report():

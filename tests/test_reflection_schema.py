@@ -44,6 +44,7 @@ CASES = [
     (3, 0.0, report(step=None), False),  # ... and a pivot
     (2, 1.0, report(outcome="success", step=None, suggestion=None, root=None), True),
     (2, 1.0, report(outcome="success", step=None, suggestion=None), True),  # root cause may be text
+    (2, 1.0, report(outcome="success", step=None, suggestion=None, root=5), False),  # ... or null, nothing else
     (2, 1.0, report(outcome="success", step=1, suggestion=None), False),  # success carries no pivot
     (2, 1.0, report(outcome="success_but_inefficient", step=1), True),
     (2, 1.0, report(outcome="failure"), False),  # the trajectory solved the task
@@ -59,6 +60,34 @@ def test_schema_accepts_exactly_what_the_parser_accepts(turns, reward, text, val
         assert parsed is not None
 
 
+SUCCESS = json.loads(report(outcome="success", step=None, suggestion=None, root=None))
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("no report here", "no_json"),
+    ('} {', "no_json"),  # no brace pair in order
+    ("{trajectory_summary: guessed}", "invalid_json"),
+    ('{"trajectory_summary": "a"} and {"retry_from_step": 0}', "invalid_json"),  # first { to last }: not one object
+    (json.dumps({**SUCCESS, "retry_from_step": 1}), "success_with_retry"),
+    (json.dumps({**SUCCESS, "improvement_suggestion": "guess again"}), "success_with_retry"),
+    (report(step=True), "pivot_not_integer"),
+    (report(step=2), "pivot_out_of_range"),  # 2 turns: pivots 0 and 1
+    (report(step=-1), "pivot_out_of_range"),
+    (report(suggestion="  "), "missing_suggestion"),
+])
+def test_a_rejected_report_gets_its_reason(text, reason):
+    assert parse_reflection(text, 2) == (None, reason)
+
+
+def test_a_report_is_found_in_text_around_it_and_may_hold_braces_and_raw_newlines():
+    fields = json.loads(report(summary="guessed {pear}", step=1))
+    text = "Here it is: " + json.dumps(fields).replace("guessed {pear}", "guessed\n{pear}") + "Done."
+    reflection, reason = parse_reflection(text, 2)
+    assert reason == "" and reflection.report == {**fields, "trajectory_summary": "guessed\n{pear}"}
+    success, reason = parse_reflection(json.dumps(SUCCESS), 2)
+    assert reason == "" and success.report == SUCCESS and success.retry_from_step is None
+
+
 def test_schema_field_order_extra_fields_and_length_cap():
     schema = report_schema(3, 0.0, max_chars=10)
     short = {"root": "why? x", "suggestion": "try y"}
@@ -70,6 +99,18 @@ def test_schema_field_order_extra_fields_and_length_cap():
     extra = report()[:-1] + ', "confidence": 1}'
     assert not accepts(schema, extra)
     assert schema == report_schema(3, 0.2, max_chars=10)  # every reward below the maximum gets the failure schema
+    assert report_schema(3, 0.0) == report_schema(3, 0.0, max_chars=200)  # the default cap
+    assert accepts(schema, report(summary="x", root="y", suggestion="z"))  # one character is enough
+
+
+def test_the_schema_says_what_it_requires_to_any_validator():
+    # xgrammar treats a schema strictly by default; other backends (and jsonschema) read only what it says
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(report_schema(3, 0.0))
+    assert validator.is_valid(json.loads(report()))
+    assert not validator.is_valid("guessed pear")  # an object, not any JSON value
+    assert not validator.is_valid({**json.loads(report()), "confidence": 1})  # no other field
     assert report_schema(3, 0.9, max_reward=0.9)["anyOf"]  # an environment whose maximum is 0.9
 
 
@@ -166,6 +207,13 @@ def test_a_grounded_field_is_required_and_null_in_a_success_report():
     assert parse_reflection(json.dumps(success), 2, grounded=[ACTION])[0].grounded == {}
 
 
+@pytest.mark.parametrize("value", [5, None, "", "  "])
+def test_a_grounded_value_must_be_a_non_blank_string(value):
+    fields = json.loads(grounded_report(0, "go north"))
+    fields["corrected_action"] = value
+    assert parse_reflection(json.dumps(fields), 2, grounded=[ACTION]) == (None, "missing_grounded_value")
+
+
 def test_a_step_independent_grounded_field_keeps_one_branch_and_checks_its_pattern():
     schema = report_schema(2, 0.0, grounded=[EQUATION])
     assert "anyOf" not in schema and list(schema["properties"])[-2:] == ["retry_from_step", "equation_to_try"]
@@ -191,6 +239,19 @@ def test_a_guidance_template_can_name_report_fields_instead_of_the_whole_report(
     # a template that names the grounded field itself gets no extra line
     assert guidance_text(reflection, "Do {corrected_action} at step {retry_from_step}.", grounded=[ACTION]) == (
         "Do open door at step 1.")
+
+
+def test_the_guidance_shows_the_report_as_indented_json_and_a_missing_field_as_nothing():
+    from r3l_lightning.explore.reflection import Reflection
+
+    # the parser lets a failure report's root cause be null; non-ASCII text is shown as written
+    fields = {"trajectory_summary": "Guessed pear.", "root_cause_analysis": None, "trajectory_outcome": "failure",
+              "improvement_suggestion": "Guess a fruit – not pear.", "retry_from_step": 1}
+    reflection = Reflection(fields, "failure", 1)
+    assert guidance_text(reflection, "Review:\n{report}\nCause: {root_cause_analysis}.") == (
+        'Review:\n{\n  "trajectory_summary": "Guessed pear.",\n  "root_cause_analysis": null,\n'
+        '  "trajectory_outcome": "failure",\n  "improvement_suggestion": "Guess a fruit – not pear.",\n'
+        '  "retry_from_step": 1\n}\nCause: .')
 
 
 def test_the_reflection_prompt_numbers_the_steps_and_shows_feedback_reward_and_hint():

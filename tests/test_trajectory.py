@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from r3l_lightning.trajectory import ChatTokenizer, Message, TemplateError, TrainingSample, make_sample
@@ -25,7 +25,8 @@ LLAMA_STYLE = (
 
 
 def _llama_style_tokenizer() -> PreTrainedTokenizerFast:
-    """A tiny byte-level BPE trained here, with Llama-3-style special tokens."""
+    """A tiny byte-level BPE trained here, with Llama-3-style special tokens; like Llama 3's, it adds BOS to what it
+    encodes unless told not to (add_special_tokens=False)."""
     specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -33,6 +34,8 @@ def _llama_style_tokenizer() -> PreTrainedTokenizerFast:
     corpus = ["you are a bot", "what is two plus two", "the answer is four", "try again please"] * 20
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     fast.chat_template = LLAMA_STYLE
     return fast
@@ -130,6 +133,67 @@ def test_a_pivot_beyond_the_turns_or_a_short_mask_is_rejected(tiny_chat):
         TrainingSample([1, 2, 3], [0.0, 1.0, 1.0], 1.0, "base", old_logprobs=[0.0, -1.0])
 
 
+def test_an_unknown_kind_or_objective_is_rejected_with_the_options():
+    with pytest.raises(ValueError) as error:
+        TrainingSample([1, 2], [0.0, 1.0], 1.0, "sft")
+    assert str(error.value) == ("unknown sample kind 'sft'; known: base, distill, retry, reflection, refinement, "
+                                "sft_reflect, sft_retry, sft_success")
+    with pytest.raises(ValueError) as error:
+        TrainingSample([1, 2], [0.0, 1.0], 1.0, "base", objective="rl")
+    assert str(error.value) == "unknown objective 'rl'; use one of policy, sft, shaped"
+
+
+def test_make_sample_defaults_and_the_fields_it_passes_on(tiny_chat):
+    conv = tiny_chat.tokenize(_conversation(tiny_chat))
+    sample = make_sample(conv, 1, "sft_success")
+    assert (sample.group_id, sample.reward, sample.objective, sample.advantage) == ("", None, "sft", 1.0)
+    assert isinstance(sample.advantage, float)
+    sample = make_sample(conv, -0.5, "base", group_id="task-3/0", reward=0.25, objective="sft")
+    assert (sample.group_id, sample.reward, sample.objective, sample.kind) == ("task-3/0", 0.25, "sft", "base")
+
+
+def test_a_tokenizer_without_a_chat_template_is_rejected(tiny_tokenizer):
+    class NoTemplate:  # not even the attribute
+        pass
+
+    message = ("tokenizer NoTemplate has no chat_template; set one (tokenizer.chat_template = ...) or use an "
+               "instruct model")
+    with pytest.raises(TemplateError) as error:
+        ChatTokenizer(NoTemplate())
+    assert str(error.value) == message
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(TemplateError, match=f"tokenizer {type(tok).__name__} has no chat_template"):
+        ChatTokenizer(tok)
+
+
+def test_end_of_turn_ids_are_the_tokenizers_eos_and_the_given_ones(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id  # <|im_end|>
+    assert ChatTokenizer(tiny_tokenizer).eos_token_ids == [eos]
+    assert ChatTokenizer(tiny_tokenizer, [7, eos, 5]).eos_token_ids == sorted({5, 7, eos})
+
+
+def test_assistant_content_is_the_sampled_text_verbatim(tiny_tokenizer):
+    # a special token inside the turn stays in the content, and so does the spacing before punctuation, even
+    # for a tokenizer that cleans up tokenization spaces by default (transformers skips that for BPE unless
+    # forced; WordPiece or Unigram tokenizers do it); only the final end-of-turn id is dropped
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.clean_up_tokenization_spaces = True
+    tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    chat = ChatTokenizer(tok)
+    ids = _sampled(tok, "four , five .<|im_start|>six")
+    assert tok.decode(ids[:-1]) == "four, five.<|im_start|>six"  # what a clean-up would write
+    message = chat.assistant_message(ids)
+    assert message.content == "four , five .<|im_start|>six"
+    assert message.token_ids == ids
+
+
+def test_decode_drops_special_tokens_unless_asked(tiny_chat):
+    ids = _sampled(tiny_chat.tokenizer, "four")  # ends with the end-of-turn id <|im_end|>
+    assert tiny_chat.decode(ids) == "four"
+    assert tiny_chat.decode(ids, skip_special_tokens=False) == "four<|im_end|>"
+
+
 def test_rollout_logprobs_are_aligned_with_their_tokens(tiny_chat):
     tok = tiny_chat.tokenizer
     ids = _sampled(tok, "four")
@@ -139,13 +203,40 @@ def test_rollout_logprobs_are_aligned_with_their_tokens(tiny_chat):
     sample = make_sample(conv, 1.0, "base")
     start, end = conv.turn_spans[0]
     assert sample.old_logprobs[start:end] == lps
+    assert sample.old_logprobs[:start] == [0.0] * start  # the prompt's tokens: 0 (no logprob, not trained)
+    # nothing trainable (the pivot past the only turn): no rollout logprobs either
+    assert make_sample(conv, 1.0, "distill", first_trainable_turn=1).old_logprobs is None
     no_lp = make_sample(tiny_chat.tokenize([Message("user", "hi"), tiny_chat.assistant_message(ids)]), 1.0, "base")
     assert no_lp.old_logprobs is None
+    # logprobs that do not match the ids one for one are not used
+    short = tiny_chat.tokenize([Message("user", "hi"), tiny_chat.assistant_message(ids, lps[:-1])])
+    assert short.logprobs == [None] * len(short.input_ids)
+    assert make_sample(short, 1.0, "base").old_logprobs is None
 
 
 def test_template_that_rewrites_assistant_text_is_rejected(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
     chat = ChatTokenizer(tok)
-    with pytest.raises(TemplateError, match="verbatim"):
+    with pytest.raises(TemplateError) as error:
         chat.tokenize([Message("user", "x"), chat.assistant_message(_sampled(tok, "hi"))])
+    assert str(error.value) == ("the chat template does not render assistant content verbatim (turn 0 not found); "
+                                "R3L needs a template that keeps assistant text as is")
+
+
+def test_an_assistant_message_without_sampled_ids_is_rejected(tiny_chat):
+    with pytest.raises(ValueError) as error:
+        tiny_chat.tokenize([Message("user", "hi"), Message("assistant", "four")])
+    assert str(error.value) == "assistant message without token_ids: cannot build a training sequence"
+
+
+def test_a_turn_at_the_very_start_of_the_text(tiny_tokenizer):
+    # a bare template renders the first (assistant) message at position 0 of the text
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    chat = ChatTokenizer(tok)
+    ids = _sampled(tok, "four", eos=False)
+    conv = chat.tokenize([chat.assistant_message(ids), Message("user", "ok")])
+    assert conv.turn_spans == [(0, len(ids))]
+    assert conv.input_ids[: len(ids)] == ids
+    assert tok.decode(conv.input_ids) == "four\nok\n"

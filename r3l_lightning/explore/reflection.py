@@ -57,6 +57,7 @@ def report_schema(num_turns: int, reward: float, max_reward: float = 1.0, max_ch
             "properties": {
                 "trajectory_summary": text,
                 "root_cause_analysis": root_cause,
+                # equivalent mutant: "type" misspelt here or in retry_from_step's schema below (the enum decides)
                 "trajectory_outcome": {"type": "string", "enum": [outcome]},
                 "improvement_suggestion": suggestion,
                 "retry_from_step": step,
@@ -132,13 +133,15 @@ def parse_reflection(text: str, num_turns: int,
     ``grounded`` fields must be present too; in a report that asks for a retry each must be a string that its
     schema at the pivot admits (its ``enum``, its ``pattern``), and in a ``success`` report null."""
     start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end <= start:
+    if start < 0 or end <= start:  # equivalent mutant: end < start ({ and } are never at the same index)
         return None, "no_json"
-    try:  # strict=False: a raw control character inside a string (constrained decoders allow it) is kept
+    # strict=False: a raw control character inside a string (constrained decoders allow it) is kept; equivalent
+    # mutant: strict=None (falsy, as False)
+    try:
         report = json.loads(text[start : end + 1], strict=False)
     except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the decoder's limit
         return None, "invalid_json"
-    if not isinstance(report, dict):
+    if not isinstance(report, dict):  # equivalent mutants of its reason: unreached, as JSON from { to } is an object
         return None, "invalid_json"
     missing = [f for f in FIELDS if f not in report] + [g.name for g in grounded if g.name not in report]
     if missing:
@@ -176,6 +179,7 @@ def guidance_text(reflection: Reflection, template: str = GUIDANCE_TEMPLATE,
     ``{<field>}`` by that field of it (``{improvement_suggestion}``, a grounded field's name), then one line per
     grounded field the template does not name (the field's ``guidance``, e.g. ``Try the equation 6 * 8.``)."""
     fields = {name: "" if value is None else str(value) for name, value in reflection.report.items()}
+    # equivalent mutant: ensure_ascii=None (falsy, as False)
     text = fill(template, report=json.dumps(reflection.report, indent=2, ensure_ascii=False), **fields)
     lines = [fill(g.guidance, value=reflection.grounded[g.name], step=str(reflection.retry_from_step))
              for g in grounded if g.name in reflection.grounded and "{" + g.name + "}" not in template]
@@ -209,6 +213,7 @@ def example_reports(text: str) -> list[dict]:
     found = []
     for line in text.splitlines():
         line = line.strip()
+        # equivalent mutant: `or` (a line that parses as a JSON object both starts with { and ends with })
         if line.startswith("{") and line.endswith("}"):
             try:
                 value = json.loads(line)
@@ -235,6 +240,7 @@ def informativeness(reflection: Reflection, prompt_texts: Sequence[str],
       ``failed_actions`` (the base's own failed answers or actions, markup tags such as ``<answer>`` dropped)
       again.
     """
+    # equivalent mutant: `if prompt_texts or True` (the union of no sets is the empty set)
     prompt = set().union(*(_shingles(_words(t)) for t in prompt_texts)) if prompt_texts else set()
     example = {shingle for t in prompt_texts for report in example_reports(t) for v in report.values()
                if isinstance(v, str) for shingle in _shingles(_words(v), EXAMPLE_COPY_WORDS)}
@@ -245,6 +251,7 @@ def informativeness(reflection: Reflection, prompt_texts: Sequence[str],
     if any(_shingles(_words(v), EXAMPLE_COPY_WORDS) & example for v in fields):
         return "copies_example"
     if reflection.wants_retry:
+        # equivalent mutant: "XXXX" for "" (one word, below MIN_SUGGESTION_WORDS as well)
         suggestion = reflection.report.get("improvement_suggestion") or ""
         if sum(w not in _EMPTY_WORDS for w in _words(suggestion)) < MIN_SUGGESTION_WORDS:
             return "trivial_suggestion"
