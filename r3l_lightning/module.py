@@ -395,7 +395,8 @@ class R3LModule(L.LightningModule):
 
         if isinstance(self.policy, FullyShardedDataParallel):
             return self.policy.clip_grad_norm_(float("inf") if max_norm is None else max_norm)
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        with_grads = [p for p in self.policy.parameters() if p.grad is not None]
+        grads = [p.grad for p in with_grads]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         sharded = isinstance(norm, DTensor)
         if sharded:  # FSDP2: the norm of this rank's shards, reduced to the global one
@@ -404,8 +405,7 @@ class R3LModule(L.LightningModule):
             if sharded or self._grad_scaler() is not None:  # Lightning unscales fp16 gradients first
                 self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
             else:  # with the norm above (Lightning refuses to clip for a fused optimizer)
-                torch.nn.utils.clip_grads_with_norm_([p for p in self.policy.parameters() if p.grad is not None],
-                                                     max_norm, norm)
+                torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, norm)
         return norm
 
     def _grad_scaler(self):
